@@ -288,7 +288,10 @@ def decode(frames: Sequence[Any], *, limits: Limits = Limits()) -> Any:
     unknown ext code, a bad dtype, a shape/size mismatch, a buffer index out of range or
     out of order, unused trailing frames, truncated data.
     """
-    views = _frame_views(frames, limits)
+    if len(frames) == 1 and type(frames[0]) is bytes and len(frames[0]) <= limits.max_body_bytes:
+        views = frames  # the common small message: no buffers, nothing to view or check
+    else:
+        views = _frame_views(frames, limits)
     decoder = _Decoder(views[1:])
     obj = _unpack_body(views[0], decoder.ext_hook)
     decoder.check_all_used()
@@ -327,8 +330,8 @@ def _byte_view(index: int, frame: Any) -> memoryview:
         raise CodecError(f"frame {index} ({kind}) is not a contiguous buffer: {e}") from e
 
 
-def _unpack_body(body: memoryview, ext_hook: Callable[[int, bytes], Any]) -> Any:
-    n = body.nbytes
+def _unpack_body(body: memoryview | bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    n = len(body) if type(body) is bytes else body.nbytes
     try:
         # Every declared length is bounded by the body, so a forged header cannot make
         # msgpack preallocate more than the body's size. Int keys need strict_map_key=False.
