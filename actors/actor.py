@@ -32,6 +32,13 @@ class Actor:
     system: Any = None
     _cell: Any = None
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, value in vars(cls).items():
+            if name in _RESERVED and name not in _HOOKS and callable(value):
+                raise TypeError(f"{cls.__name__}.{name}: the name {name!r} belongs to the "
+                                "Actor base class; give the method another name")
+
     async def on_start(self) -> None:
         """Runs before the first message. Raising fails the actor."""
 
@@ -80,6 +87,8 @@ class Actor:
 
 
 _BASE_NAMES = frozenset(dir(Actor))
+_HOOKS = frozenset({"on_start", "on_stop", "on_terminated", "__init__"})
+_RESERVED = frozenset(name for name in vars(Actor) if not name.startswith("__"))
 
 
 def public_methods(cls) -> dict[str, Callable]:

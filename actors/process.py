@@ -122,7 +122,7 @@ async def spawn_elsewhere(system, cls: type, args, kwargs, actor_id: str, name: 
                                     timeout, rebind)
         return child.ref, child
     if isinstance(where, ActorRef):
-        ref = await where.ask("spawn", path, list(args), kwargs, actor_id, name, rebind,
+        ref = await where.ask("start_actor", path, list(args), kwargs, actor_id, name, rebind,
                               timeout, timeout=timeout + 5)
         return ref.bind(system), None
     raise ValueError(f"where must be 'local', 'process' or a NodeAgent ref, not {where!r}")

@@ -25,6 +25,7 @@ is dropped with a log line and a counter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -90,15 +91,22 @@ class _Connection:
         self.address = address
         self.sock = sock
         self.lost = False
+        self.connected = False
         # copied: the header and the body; out-of-band buffers stay zero-copy.
         self.reader = SocketReader(sock, lambda parts: endpoint._on_dealer(self, parts),
                                    copied=2)
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
+        self.monitor = sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED)
+        # A peer that never answers the handshake (nothing listens there any more) is as
+        # dead as one whose connection closed: give up after the heartbeat timeout.
+        self.check = asyncio.get_running_loop().call_later(
+            endpoint.heartbeat.timeout, endpoint._check_connected, self)
         self.monitor_reader = SocketReader(
             self.monitor, lambda parts: endpoint._on_dealer_event(self, parts))
 
     def close(self, linger: float) -> None:
         self.lost = True
+        self.check.cancel()
         self.reader.close()
         self.monitor_reader.close()
         self.sock.disable_monitor()
@@ -323,8 +331,16 @@ class Endpoint:
         log.warning("%s: rejected a connection from %s: authentication failed",
                     self.address, event.get("endpoint", b"?").decode(errors="replace"))
 
+    def _check_connected(self, conn: _Connection) -> None:
+        if not conn.connected:
+            self._lose(conn, f"no connection within {self.heartbeat.timeout:g}s "
+                             "(nothing listens there, or the network is down)")
+
     def _on_dealer_event(self, conn: _Connection, parts: list) -> None:
         event = parse_monitor_message(parts)
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            conn.connected = True
+            return
         if event["event"] & _HANDSHAKE_FAILED:
             reason = "authentication failed (is the cluster secret the same on both sides?)"
         else:
