@@ -375,6 +375,10 @@ class ActorSystem:
         from .process import spawn_elsewhere
         if record.process is not None:
             await record.process.stop(5.0)  # free its port, so the ref can stay the same
+        # Forget the old incarnation's connection and watches: the successor may bind the
+        # same address, and must not inherit the news of its predecessor's death.
+        self.endpoint.forget(record.ref.address)
+        self._watches.pop(record.ref.address, None)
         try:
             ref, proc = await spawn_elsewhere(
                 self, record.cls, record.args, record.kwargs, record.ref.actor_id,
@@ -729,13 +733,11 @@ class ActorSystem:
             self.counters["refused.bad_request"] += 1
             log.warning("%s: malformed termination notice dropped: %s", self.address, exc)
             return
+        # Fire the local watch once; if it has fired already (its process was seen to
+        # die first), this notice is old news.
         watch = self._watches.get(target.address, {}).pop(target.actor_id, None)
-        watcher = ActorRef(self.address, msg.envelope.target, None, self)
-        if watch is not None:  # the remote said it first: the local watch has fired
-            watch.watchers.discard(watcher)
-            for other in watch.watchers:
-                asyncio.ensure_future(self._tell_terminated(other, target, reason, bool(failed)))
-        asyncio.ensure_future(self._tell_terminated(watcher, target, reason, bool(failed)))
+        for watcher in watch.watchers if watch is not None else ():
+            asyncio.ensure_future(self._tell_terminated(watcher, target, reason, bool(failed)))
 
     def _decode_call(self, msg: Incoming) -> tuple[list, dict]:
         try:

@@ -240,6 +240,13 @@ class Endpoint:
         conn = self._conns[address] = _Connection(self, address, sock)
         return conn
 
+    def forget(self, address: str) -> None:
+        """Close the connection to ``address`` without reporting a loss (its peer is known
+        to be gone); the next send opens a fresh one."""
+        conn = self._conns.get(address)
+        if conn is not None:
+            self._drop(conn)
+
     def _drop(self, conn: _Connection, linger: float = 0.0) -> None:
         if self._conns.get(conn.address) is conn:
             del self._conns[conn.address]
@@ -341,8 +348,11 @@ class Endpoint:
         if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             conn.connected = True
             return
-        if event["event"] & _HANDSHAKE_FAILED:
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             reason = "authentication failed (is the cluster secret the same on both sides?)"
+        elif event["event"] & _HANDSHAKE_FAILED:
+            reason = ("handshake failed (a different cluster secret, or the peer closed "
+                      "during the handshake)")
         else:
             reason = "connection closed (process exited or heartbeat timed out)"
         self._lose(conn, reason)
