@@ -548,12 +548,11 @@ class SyncScheduler(_RolloutPool):
 
 def _copy(traj: Trajectory) -> Trajectory:
     # Callers get copies: a controller that edits what it was handed must not corrupt the pool.
-    return dataclasses.replace(
-        traj,
-        prompt_tokens=list(traj.prompt_tokens),
-        response_tokens=list(traj.response_tokens),
-        infer_logprobs=list(traj.infer_logprobs),
-        versions=list(traj.versions),
+    # (Spelled out rather than dataclasses.replace, which costs several times more per call.)
+    return Trajectory(
+        traj.traj_id, traj.group_id, traj.prompt_id, traj.sample_index, list(traj.prompt_tokens),
+        list(traj.response_tokens), list(traj.infer_logprobs), list(traj.versions),
+        traj.reward, traj.finish_reason, traj.retention,
     )
 
 
