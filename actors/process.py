@@ -99,6 +99,7 @@ class ChildProcess:
         A signal, not a message: the address of a dead child may already belong to its
         restarted successor, which a message would reach instead.
         """
+        self.system.endpoint.expect_loss(self.ref.address)
         for action, wait in ((self.proc.terminate, timeout), (self.proc.kill, 5.0)):
             if self.exited.done():
                 return

@@ -139,6 +139,7 @@ class Endpoint:
         self._readers: list[SocketReader] = []
         self._zap: auth.ZapHandler | None = None
         self._conns: dict[str, _Connection] = {}
+        self._expected_losses: set[str] = set()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -240,6 +241,10 @@ class Endpoint:
         conn = self._conns[address] = _Connection(self, address, sock)
         return conn
 
+    def expect_loss(self, address: str) -> None:
+        """The peer at ``address`` is being stopped on purpose: log its loss quietly."""
+        self._expected_losses.add(address)
+
     def forget(self, address: str) -> None:
         """Close the connection to ``address`` without reporting a loss (its peer is known
         to be gone); the next send opens a fresh one."""
@@ -256,7 +261,10 @@ class Endpoint:
         if conn.lost:
             return
         self.counters["peers_lost"] += 1
-        log.warning("%s: peer %s lost: %s", self.address, conn.address, reason)
+        expected = conn.address in self._expected_losses
+        self._expected_losses.discard(conn.address)
+        log.log(logging.INFO if expected else logging.WARNING,
+                "%s: peer %s lost: %s", self.address, conn.address, reason)
         self._drop(conn)
         self.handler.on_peer_lost(conn.address, reason)
 
