@@ -91,8 +91,9 @@ def unpack_header(data) -> Envelope:
     if len(data) > MAX_HEADER_BYTES:
         raise EnvelopeError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        fields = msgpack.unpackb(data, raw=False, max_str_len=MAX_NAME_LEN, max_bin_len=0,
-                                 max_array_len=8, max_map_len=0, max_ext_len=0)
+        # No per-type limits beyond the array's: the header is small already, and a field
+        # of the wrong type or length must reach the checks below, which keep its corr.
+        fields = msgpack.unpackb(data, raw=False, max_array_len=8, max_ext_len=0)
     except Exception as exc:  # msgpack raises several unrelated types
         raise EnvelopeError(f"header is not valid msgpack: {exc}") from None
     if type(fields) is not list or len(fields) != 8:
@@ -100,9 +101,12 @@ def unpack_header(data) -> Envelope:
     version, kind, corr, sender, target, method, deadline_ms, credit = fields
     # Fast path: every field has the right type and range (checked with `type is`, so that
     # bools are not taken for ints).
-    if (version == PROTOCOL_VERSION and type(kind) is int and kind in _KINDS
+    if (type(version) is int and version == PROTOCOL_VERSION
+            and type(kind) is int and kind in _KINDS
             and type(corr) is int and 0 <= corr <= MAX_CORR
             and type(sender) is str and type(target) is str and type(method) is str
+            and len(sender) <= MAX_NAME_LEN and len(target) <= MAX_NAME_LEN
+            and len(method) <= MAX_NAME_LEN
             and type(deadline_ms) is int and 0 <= deadline_ms < 1 << 31
             and type(credit) is int and 0 <= credit < 1 << 31):
         return Envelope(_KINDS[kind], corr, sender, target, method, deadline_ms, credit)
@@ -113,7 +117,7 @@ def _explain(fields: list):
     """Raise the EnvelopeError that says what is wrong with a header."""
     version, kind, corr, sender, target, method, deadline_ms, credit = fields
     corr = corr if _is_uint(corr, MAX_CORR) else None
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise EnvelopeError(
             f"protocol version {version!r} is not supported (this side speaks "
             f"{PROTOCOL_VERSION})", corr)
@@ -124,6 +128,9 @@ def _explain(fields: list):
     for name, value in (("sender", sender), ("target", target), ("method", method)):
         if not isinstance(value, str):
             raise EnvelopeError(f"{name} must be a string, got {type(value).__name__}", corr, kind)
+        if len(value) > MAX_NAME_LEN:
+            raise EnvelopeError(f"{name} has {len(value)} characters, more than the limit of "
+                                f"{MAX_NAME_LEN}", corr, kind)
     raise EnvelopeError(f"deadline_ms and credit must be ints in [0, 2**31), got "
                         f"{deadline_ms!r} and {credit!r}", corr, kind)
 
