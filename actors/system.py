@@ -526,8 +526,12 @@ class ActorSystem:
                     await delivery
             else:
                 self._pending[corr] = pending
-                await self._send_call(ref, Kind.CALL, corr, method, args, kwargs, timeout)
+                await self._send_call(ref, Kind.CALL, corr, method, args, kwargs, timeout,
+                                      deadline=deadline)
             return await future
+        except TimeoutError:  # the peer's socket queue stayed full until the deadline
+            self._cancel(ref, corr)
+            raise self._timeout_error(ref, method, timeout, "room in the socket") from None
         except (_Expired, asyncio.CancelledError) as exc:
             self._cancel(ref, corr)
             if isinstance(exc, _Expired) or future.exception() is _EXPIRED:
@@ -648,11 +652,12 @@ class ActorSystem:
             raise
 
     async def _send_call(self, ref: ActorRef, kind: Kind, corr: int, method: str, args,
-                         kwargs, timeout: float, credit: int = 0) -> None:
+                         kwargs, timeout: float, credit: int = 0,
+                         deadline: float | None = None) -> None:
         frames = codec.encode([list(args), kwargs])  # TypeError for unencodable arguments
         env = Envelope(kind, corr, self.address, ref.actor_id, method,
                        int(timeout * 1000), credit)
-        await self.endpoint.send(ref.address, env, frames)
+        await self.endpoint.send(ref.address, env, frames, deadline)
 
     def _forget(self, request: Request) -> None:
         if request.key is not None:

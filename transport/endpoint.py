@@ -202,12 +202,14 @@ class Endpoint:
 
     # -- sending -----------------------------------------------------------------------
 
-    async def send(self, address: str, env: Envelope, frames: Sequence = ()) -> None:
+    async def send(self, address: str, env: Envelope, frames: Sequence = (),
+                   deadline: float | None = None) -> None:
         """Send a request-side message to the endpoint at ``address`` (connecting if needed).
         Messages to one address leave in the order of the calls. Waits only while the
-        peer's queue is at its high-water mark."""
+        peer's queue is at its high-water mark, until ``deadline`` (loop time), then
+        raises TimeoutError."""
         conn = self._conns.get(address) or self._connect(address)
-        await send(conn.sock, [pack_header(env), *frames], conn.reader)
+        await send(conn.sock, [pack_header(env), *frames], conn.reader, deadline)
 
     async def reply(self, route: bytes, env: Envelope, frames: Sequence = ()) -> bool:
         """Send an answer back to ``route``. Returns False, counted and logged, when the

@@ -110,13 +110,14 @@ class SocketReader:
             self.loop.remove_reader(self._fd)
 
 
-async def send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None) -> None:
+async def send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None,
+               deadline: float | None = None) -> None:
     """Send one multipart message without blocking the loop.
 
     Returns at once in the normal case. At the high-water mark (the peer is not reading)
-    it retries with a short back-off until the message fits; callers bound that wait with
-    their own deadline. libzmq queues the parts of a message atomically, so a refusal means
-    none of them was queued.
+    it retries with a short back-off until the message fits, or raises TimeoutError once
+    ``deadline`` (loop time) has passed. libzmq queues the parts of a message atomically, so
+    a refusal means none of them was queued.
     """
     delay = 0.0005
     while True:
@@ -124,6 +125,9 @@ async def send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None
             send_now(sock, parts)
             break
         except zmq.Again:
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError("the peer's queue stayed full (high-water mark) until "
+                                   "the deadline") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
     if reader is not None:
