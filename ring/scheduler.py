@@ -9,7 +9,7 @@ events and acts on what it returns:
             engine.start(traj)
         ...engine reports progress...
         scheduler.on_tokens(traj_id, tokens, logprobs, version)
-        cancel = scheduler.on_finished(traj_id, "eos" | "length" | "aborted", reward)
+        engine.cancel(scheduler.on_finished(traj_id, "eos" | "length" | "aborted", reward))
         if scheduler.ready():
             batch = scheduler.take_batch()           # ends the step
             engine.cancel(batch.cancelled)
@@ -23,8 +23,8 @@ inference-pool capacity Omega_infer:
 3. train theta_t -> theta_{t+1} on the training pool;
 4. unfinished rollouts stay, retention + 1, and continue under the new weights.
 
-Here `admit` is the refill of step 2, `ready` is "C >= Phi", and `take_batch` performs
-steps 3's hand-over, 4 and the next iteration's 1 at once.
+Here `admit` is the refill of step 2, `ready` is "C >= Phi", and `take_batch` hands over
+the batch of step 3 and performs step 4 and the next iteration's step 1 at once.
 
 Choices where the report is silent (also in docs/algorithms.md):
 
@@ -46,8 +46,8 @@ Choices where the report is silent (also in docs/algorithms.md):
   nothing is carried over.
 - Dropped rollouts. Dropping one member drops its whole group: the unfinished members are
   cancelled (their ids are returned, the engines must stop them) and the finished members
-  are discarded. The prompt is put back at the front of the queue (`requeue_dropped=True`,
-  a new group with new trajectory ids) or discarded (default). A response the engine
+  are discarded. The prompt is requeued ahead of new prompts (`requeue_dropped=True`; it
+  restarts as a new group with new trajectory ids) or discarded (default). A response the engine
   reports as "aborted" drops its group the same way.
 - Late events. Events about a trajectory that no longer lives (trained, dropped) are
   ignored and counted as `stale_events`: in an asynchronous system a cancelled rollout
@@ -84,7 +84,7 @@ class C3POConfig:
     retention_limit: int
     """sigma: most step ends a rollout may live through unfinished before it is dropped."""
     requeue_dropped: bool = False
-    """Put a dropped group's prompt back at the front of the queue instead of discarding it."""
+    """Requeue a dropped group's prompt (ahead of new prompts) instead of discarding it."""
 
     def __post_init__(self) -> None:
         _positive("C3POConfig.group_size", self.group_size)
@@ -106,7 +106,7 @@ class SyncConfig:
     groups_per_step: int
     """Prompts started at the beginning of each step."""
     requeue_dropped: bool = False
-    """Put an aborted group's prompt back at the front of the queue instead of discarding it."""
+    """Requeue the prompt of an aborted or dropped group (ahead of new prompts) instead of discarding it."""
 
     def __post_init__(self) -> None:
         _positive("SyncConfig.group_size", self.group_size)
