@@ -336,7 +336,9 @@ def table(rows: list[tuple[Summary, float]], sync: Summary) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, sync: Summary, headline: Summary, overlap: Summary, sweep: dict, sigmas, phi_scales, warmup: int) -> bool:
+def plot(
+    path: Path, sync: Summary, headline: Summary, overlap: Summary, sweep: dict, sigmas, phi_scales, warmup: int
+) -> bool:
     try:
         import matplotlib
 
@@ -360,13 +362,15 @@ def plot(path: Path, sync: Summary, headline: Summary, overlap: Summary, sweep: 
     ax_stale.set_ylabel("share of trained tokens")
     ax_stale.legend(fontsize=8)
     for r in runs[:2]:
-        ax_tokens.plot(range(len(r.tokens_per_step)), r.tokens_per_step, marker=".", label=f"{r.name} (cv {r.tokens_cv:.3f})")
+        label = f"{r.name} (cv {r.tokens_cv:.3f})"
+        ax_tokens.plot(range(len(r.tokens_per_step)), r.tokens_per_step, marker=".", label=label)
     ax_tokens.axvspan(-0.5, warmup - 0.5, color="grey", alpha=0.15, label="warm-up (not measured)")
     ax_tokens.set_xlabel("training step")
     ax_tokens.set_ylabel("response tokens trained")
     ax_tokens.legend(fontsize=8)
     for scale in phi_scales:
-        ax_sweep.plot(sigmas, [_throughput(sweep[(sg, scale)], sync) for sg in sigmas], marker="o", label=f"Phi = {scale:g} Phi0")
+        gains = [_throughput(sweep[(sg, scale)], sync) for sg in sigmas]
+        ax_sweep.plot(sigmas, gains, marker="o", label=f"Phi = {scale:g} Phi0")
     ax_sweep.set_xlabel("retention limit sigma")
     ax_sweep.set_ylabel("end-to-end trained tokens per time, vs sync")
     ax_sweep.axhline(1.0, color="grey", lw=0.5)
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/c3po.png"), help="PNG plot path")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=6, help="steps left out of the measurements")
-    parser.add_argument("--sigma", type=int, default=None, help="retention limit of the headline run (default: derived)")
+    parser.add_argument("--sigma", type=int, default=None, help="headline retention limit (default: derived)")
     parser.add_argument("--full-batch-extra", type=float, default=Setting.full_batch_extra, help="x, see Setting")
     parser.add_argument("--train-speed", type=float, default=Setting.train_speed, help="see Setting")
     parser.add_argument("--seed", type=int, default=0)
@@ -470,7 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"training takes {100 * sync.train_share:.0f}% of a synchronous step")
     if not args.no_sensitivity:
         print("sensitivity (C3PO++ without overlap, Phi = Phi0, sigma derived per row):")
-        print("\n".join(sensitivity(setting, args.steps, args.warmup, (sync, headline) if args.sigma is None else None)))
+        measured = (sync, headline) if args.sigma is None else None
+        print("\n".join(sensitivity(setting, args.steps, args.warmup, measured)))
     wrote = plot(args.out, sync, headline, overlap, sweep, sigmas, phi_scales, args.warmup)
     if wrote:
         print(f"plot: {args.out}")

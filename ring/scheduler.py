@@ -387,7 +387,9 @@ class _RolloutPool:
         Raises ValueError on a different kind or config, or inconsistent state.
         """
         if state.get("kind") != self._kind:
-            raise ValueError(f"load_state_dict: state is for a {state.get('kind')!r} scheduler, this is {self._kind!r}")
+            raise ValueError(
+                f"load_state_dict: state is for a {state.get('kind')!r} scheduler, this is {self._kind!r}"
+            )
         if state["config"] != self._config_dict():
             raise ValueError(f"load_state_dict: config {state['config']} differs from {self._config_dict()}")
         trajs = [Trajectory.from_dict(t) for t in state["trajectories"]]

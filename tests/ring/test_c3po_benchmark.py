@@ -42,7 +42,8 @@ def test_with_a_long_tail_c3po_is_faster_and_drops_nothing_at_the_derived_sigma(
 def test_command_line_prints_the_json_summary_last(tmp_path):
     out = tmp_path / "c3po.png"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "c3po.py"), "--steps", "5", "--warmup", "2", "--no-sensitivity", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "c3po.py"),
+         "--steps", "5", "--warmup", "2", "--no-sensitivity", "--out", str(out)],
         capture_output=True, text=True, timeout=120, check=True,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])

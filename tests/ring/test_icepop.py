@@ -171,7 +171,8 @@ def test_budget_aggregation_adds_up_over_micro_batches():
     logp, old, infer, adv, mask = make_inputs(seed=4)
     config = IcePopConfig(aggregation="budget", token_budget=64)
     full, _ = icepop_loss(logp, old, infer, adv, mask, config)
-    parts = sum(icepop_loss(logp[i : i + 1], old[i : i + 1], infer[i : i + 1], adv[i : i + 1], mask[i : i + 1], config)[0] for i in range(3))
+    rows = [slice(i, i + 1) for i in range(3)]
+    parts = sum(icepop_loss(logp[r], old[r], infer[r], adv[r], mask[r], config)[0] for r in rows)
     assert full.item() == pytest.approx(parts.item(), rel=1e-6)
 
 
