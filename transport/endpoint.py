@@ -196,9 +196,9 @@ class Endpoint:
         ivl = int(self.heartbeat.interval * 1000)
         timeout = int(self.heartbeat.timeout * 1000)
         sock.heartbeat_ivl, sock.heartbeat_timeout, sock.heartbeat_ttl = ivl, timeout, timeout
-        # Memory backstop only; the real limits are checked per message so that an
-        # over-limit message gets an error reply instead of a dropped connection.
-        sock.maxmsgsize = 2 * self.limits.max_frame_bytes
+        # No ZMQ_MAXMSGSIZE: libzmq answers a frame over it by cutting the connection, which
+        # the peer sees as this process dying. The limits are checked per message instead,
+        # so that an over-limit message of any size gets an error reply (see _admit).
 
     # -- sending -----------------------------------------------------------------------
 
