@@ -5,9 +5,10 @@ Semantics:
   sender waits, in arrival order, until room frees up or its deadline passes, and then
   gets :class:`MailboxFullError`. Senders are admitted strictly in the order they called
   ``put``, so one sender's messages never overtake each other.
-- At most ``capacity`` messages are queued and at most ``capacity`` senders wait, so memory
-  is bounded. ``crowded`` tells a network receive loop to stop reading (which pushes back
-  on remote senders through ZeroMQ's high-water marks) until ``room`` completes.
+- At most ``capacity`` messages are queued and at most ``capacity`` senders wait in line
+  (``put`` first waits for a place in line), so memory is bounded. ``crowded`` tells a
+  network receive loop to stop reading (which pushes back on remote senders through
+  ZeroMQ's high-water marks) until ``room`` completes.
 - ``close`` refuses further puts, fails the waiting senders and returns what was queued,
   so that the owner can fail each message with a clear error instead of dropping it.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Awaitable
 
 from .errors import ActorDeadError, MailboxFullError
 
@@ -59,18 +61,40 @@ class Mailbox:
         self._append(item)
 
     async def put(self, item, deadline: float | None) -> None:
-        """Queue ``item``, waiting until ``deadline`` (loop time) while the mailbox is full."""
+        """Queue ``item``, waiting until ``deadline`` (loop time) while the mailbox is full,
+        and first, while ``capacity`` senders already wait, for a place in line."""
+        while self.crowded and not self._closed:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.room()
+            except TimeoutError:
+                raise MailboxFullError(
+                    f"mailbox of {self.owner} stayed full ({self.capacity} queued, "
+                    f"{len(self._waiting)} senders waiting) until the sender's deadline") from None
+        waiting = self.line_up(item, deadline)
+        if waiting is not None:
+            await waiting
+
+    def line_up(self, item, deadline: float | None) -> Awaitable[None] | None:
+        """``put``, with the sender's place in line taken at the call rather than when
+        awaited: None if ``item`` is queued already, else an awaitable that completes once
+        it is (or raises MailboxFullError at ``deadline``). A receive loop that hands the
+        wait to a task thus keeps the arrival order, and ``crowded`` counts the sender
+        at once. Raises at once when the mailbox is closed or crowded."""
         if self._closed:
             raise ActorDeadError(f"{self.owner} is not accepting messages: {self._closed}")
         if not self._waiting and len(self._items) < self.capacity:
             self._append(item)
-            return
+            return None
         if self.crowded:
             raise MailboxFullError(f"mailbox of {self.owner} is full ({self.capacity} queued, "
                                    f"{len(self._waiting)} senders waiting)")
-        loop = asyncio.get_running_loop()
-        entry = [item, loop.create_future()]
+        entry = [item, asyncio.get_running_loop().create_future()]
         self._waiting.append(entry)
+        return self._admission(entry, deadline)
+
+    async def _admission(self, entry: list, deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
         timeout = None if deadline is None else max(0.0, deadline - loop.time())
         try:
             await asyncio.wait_for(asyncio.shield(entry[1]), timeout)

@@ -719,11 +719,17 @@ class ActorSystem:
         if request.key is not None:
             self._active[key] = request
         try:
-            cell.mailbox.put_nowait(request)
+            # The place in line is taken now, not when a task first runs: later messages
+            # must queue behind this one, and `crowded` must count it before the next read.
+            waiting = cell.mailbox.line_up(request, request.deadline)
+        except errors.MailboxFullError:  # local senders crowd the line: wait behind them
+            waiting = cell.mailbox.put(request, request.deadline)
+        except errors.ActorError as exc:  # the actor is stopping
+            self._forget(request)
+            return self._refuse(sink, env, exc)
+        if waiting is None:
             return None
-        except errors.MailboxFullError:
-            pass
-        asyncio.ensure_future(self._deliver_later(cell, request))
+        asyncio.ensure_future(self._deliver_later(cell, request, waiting))
         # Too many senders already wait for this actor: stop reading the socket, so that
         # remote senders block on ZeroMQ's high-water mark instead of growing memory here.
         return cell.mailbox.room() if cell.mailbox.crowded else None
@@ -763,9 +769,9 @@ class ActorSystem:
         if sink is not None:
             asyncio.ensure_future(sink.error(exc))
 
-    async def _deliver_later(self, cell: ActorCell, request: Request) -> None:
+    async def _deliver_later(self, cell: ActorCell, request: Request, waiting) -> None:
         try:
-            await cell.mailbox.put(request, request.deadline)
+            await waiting
         except errors.ActorError as exc:
             self._forget(request)
             if request.sink is not None:

@@ -68,6 +68,17 @@ class Recorder(Actor):
         return self.seen
 
 
+class SlowRecorder(Recorder):
+    """A Recorder with a small mailbox that takes a moment per message, so that senders
+    outrun it and wait for room."""
+
+    mailbox_size = 4
+
+    async def record(self, value) -> None:
+        await asyncio.sleep(0.001)
+        self.seen.append(value)
+
+
 class Sender(Actor):
     """Sends a numbered sequence of tells (with an ask mixed in every ``ask_every``) to
     another actor: a second, independent sender for ordering tests."""
