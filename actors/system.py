@@ -588,6 +588,8 @@ class ActorSystem:
                 if taken >= max(1, window // 2):
                     await self._grant(ref, corr, sink, taken)
                     taken = 0
+        except AskTimeout:
+            raise  # already says what was missed (an AskTimeout is a TimeoutError too)
         except TimeoutError:
             raise self._timeout_error(ref, method, timeout) from None
         finally:

@@ -114,6 +114,12 @@ class Sleeper(Actor):
         return self.events
 
 
+class SerialSleeper(Sleeper):
+    """One call at a time: later calls queue in the mailbox."""
+
+    max_concurrency = 1
+
+
 class Producer(Actor):
     """A stream producer that records how far it got and whether its finally ran; other
     methods stay callable while a stream is open (max_concurrency > 1)."""
@@ -124,12 +130,15 @@ class Producer(Actor):
         self.produced = 0
         self.closed = False
 
-    async def produce(self, n: int, delay: float = 0.0):
+    async def produce(self, n: int, delay: float = 0.0, stall_after: int | None = None):
+        """Yield 0..n-1, ``delay`` apart; after ``stall_after`` items, hang."""
         self.produced, self.closed = 0, False
         try:
             for i in range(n):
                 if delay:
                     await asyncio.sleep(delay)
+                if i == stall_after:
+                    await asyncio.Event().wait()
                 self.produced = i + 1
                 yield i
         finally:
