@@ -148,6 +148,25 @@ class Producer(Actor):
         return {"produced": self.produced, "closed": self.closed}
 
 
+class Consumer(Actor):
+    """Consumes a stream from another actor: takes ``n`` items, then stops taking."""
+
+    def __init__(self):
+        self.taken: list = []
+
+    async def take_then_stall(self, ref, method: str, n: int, *args) -> None:
+        async for item in ref.stream(method, *args, window=2, timeout=60):
+            self.taken.append(item)
+            if len(self.taken) == n:
+                await asyncio.Event().wait()
+
+    async def items(self) -> list:
+        return self.taken
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
 class Slow(Actor):
     """A slow consumer with a small mailbox."""
 
