@@ -93,6 +93,11 @@ class RemoteSink(Sink):
     def __init__(self, system: "ActorSystem", route: bytes, env: Envelope):
         super().__init__(env.credit)
         self.system, self.route, self.corr, self.target = system, route, env.corr, env.target
+        # How long an answer may wait for room in the caller's queue: until the caller's
+        # deadline (nobody waits after it), else a heartbeat timeout. Never longer, so that
+        # a caller that reads nothing cannot stall the actor for everyone else.
+        self.deadline = (asyncio.get_running_loop().time() + env.deadline_ms / 1000
+                         if env.deadline_ms else None)
 
     async def _send(self, kind: Kind, value: Any) -> bool:
         try:
@@ -101,9 +106,12 @@ class RemoteSink(Sink):
             frames = codec.encode(BadRequestError(
                 f"the answer of {self.target} cannot be encoded: {exc}").to_wire())
             kind = Kind.ERROR
-        ok = await self.system.endpoint.reply(self.route, Envelope(kind, self.corr), frames)
+        deadline = self.deadline or (asyncio.get_running_loop().time()
+                                     + self.system.heartbeat.timeout)
+        ok = await self.system.endpoint.reply(self.route, Envelope(kind, self.corr), frames,
+                                              deadline)
         if not ok:
-            self.cancel()  # the caller is gone: stop producing for it
+            self.cancel()  # the caller is gone or not reading: stop producing for it
         return ok
 
     async def result(self, value: Any) -> None:

@@ -211,14 +211,22 @@ class Endpoint:
         conn = self._conns.get(address) or self._connect(address)
         await send(conn.sock, [pack_header(env), *frames], conn.reader, deadline)
 
-    async def reply(self, route: bytes, env: Envelope, frames: Sequence = ()) -> bool:
+    async def reply(self, route: bytes, env: Envelope, frames: Sequence = (),
+                    deadline: float | None = None) -> bool:
         """Send an answer back to ``route``. Returns False, counted and logged, when the
-        route is gone (its process died or closed the connection)."""
+        route is gone (its process died or closed the connection), or when its queue stays
+        at the high-water mark (the caller reads nothing) until ``deadline`` (loop time)."""
         if self._closed:
             return False
         try:
-            await send(self._router, [route, pack_header(env), *frames], self._readers[0])
+            await send(self._router, [route, pack_header(env), *frames], self._readers[0],
+                       deadline)
             return True
+        except TimeoutError:
+            self.counters["reply_queue_full"] += 1
+            log.warning("%s: %s for call %d dropped: the caller has not read its answers "
+                        "until the deadline", self.address, env.kind.name, env.corr)
+            return False
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -228,8 +236,10 @@ class Endpoint:
             return False
 
     async def probe(self, route: bytes) -> bool:
-        """True while the connection behind ``route`` is still open."""
-        return await self.reply(route, Envelope(Kind.HEARTBEAT))
+        """True while the connection behind ``route`` is still open and its caller reads
+        (its queue is not full for a heartbeat timeout)."""
+        deadline = asyncio.get_running_loop().time() + self.heartbeat.timeout
+        return await self.reply(route, Envelope(Kind.HEARTBEAT), (), deadline)
 
     def _connect(self, address: str) -> _Connection:
         if self._closed:
