@@ -284,6 +284,9 @@ class Watcher(Actor):
     async def watch_ref(self, ref) -> None:
         self.watch(ref)
 
+    async def unwatch_ref(self, ref) -> None:
+        self.unwatch(ref)
+
     async def on_terminated(self, ref, reason: str, failed: bool = True) -> None:
         self.terminated.append([ref.actor_id, reason, failed])
 
