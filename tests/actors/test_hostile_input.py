@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import random
 import time
 
@@ -136,8 +135,8 @@ def rejected(host) -> int:
 
 
 @pytest.mark.parametrize("frames", [
-    [os.urandom(64)],
-    [os.urandom(7), os.urandom(300)],
+    [random.Random(1).randbytes(64)],
+    [random.Random(2).randbytes(7), random.Random(3).randbytes(300)],
     [b""],
     [b"", b""],
     [b"\x98"],  # a header cut after its first byte
@@ -369,7 +368,7 @@ def mutations(rng: random.Random, hostile: Hostile):
         return frames
 
     def extra_frames(frames):
-        return frames + [bytearray(os.urandom(rng.randint(0, 40)))
+        return frames + [bytearray(rng.randbytes(rng.randint(0, 40)))
                          for _ in range(rng.randint(1, 12))]
 
     def missing_frames(frames):
@@ -387,7 +386,7 @@ def mutations(rng: random.Random, hostile: Hostile):
         return frames
 
     def random_message(_):
-        return [bytearray(os.urandom(rng.randint(0, 64))) for _ in range(rng.randint(1, 4))]
+        return [bytearray(rng.randbytes(rng.randint(0, 64))) for _ in range(rng.randint(1, 4))]
 
     moves = [flip, truncate, extra_frames, missing_frames, header_fields, random_message]
     while True:

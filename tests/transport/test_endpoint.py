@@ -102,7 +102,7 @@ async def test_requests_arrive_on_the_router_and_answers_on_the_dealer(pair):
 
 
 async def test_every_request_kind_reaches_the_callee_and_heartbeats_stay_in_the_transport(pair):
-    server, srv, client, cli = pair
+    server, srv, client, _ = pair
     srv.echo = False
     for corr, kind in enumerate(sorted(TO_CALLEE), start=1):
         await client.send(server.address, Envelope(kind, corr, credit=3), [b"x"])
@@ -205,7 +205,7 @@ async def test_an_oversized_message_gets_an_error_naming_the_limit_and_the_conne
 
 
 async def test_a_message_far_over_the_limit_gets_an_error_and_the_connection_survives():
-    server, srv = await start(limits=SMALL)
+    server, _ = await start(limits=SMALL)
     client, cli = await start()
     try:
         await round_trip(client, cli, server.address, 1)
@@ -237,7 +237,7 @@ async def test_an_oversized_tell_is_dropped_and_counted_without_an_answer():
 
 
 async def test_a_bad_header_with_a_readable_corr_gets_an_error_reply(pair):
-    server, srv, client, cli = pair
+    server, _, client, cli = pair
     bad = msgpack.packb([99, 1, 5, "c", "t", "m", 0, 0])  # protocol version 99
     conn = client._connect(server.address)
     conn.sock.send_multipart([bad, b"\xc0"])
@@ -272,7 +272,7 @@ async def test_request_kinds_sent_to_a_caller_are_rejected(pair):
 
 
 async def test_an_empty_message_is_dropped_and_counted(pair):
-    server, srv, client, cli = pair
+    server, _, client, cli = pair
     await client.send(server.address, Envelope(Kind.CALL, 1), [b"x"])
     await cli.next()
     conn = client._conns[server.address]
@@ -286,7 +286,7 @@ async def test_an_empty_message_is_dropped_and_counted(pair):
 
 async def test_a_reply_to_a_vanished_route_returns_false_and_is_counted():
     server, srv = await start()
-    client, cli = await start()
+    client, _ = await start()
     srv.echo = False
     try:
         await client.send(server.address, Envelope(Kind.CALL, 1), [b"x"])
@@ -409,7 +409,7 @@ async def test_an_endpoint_with_a_wrong_secret_reports_the_peer_lost_for_authent
 
 
 async def test_an_endpoint_without_a_secret_cannot_reach_a_secured_one(pair):
-    server, srv, client, cli = pair
+    server, srv, _, _ = pair
     plain, seen = await start(secret=None, heartbeat=FAST)
     try:
         await plain.send(server.address, Envelope(Kind.CALL, 1), [b"x"])
