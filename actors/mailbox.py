@@ -50,7 +50,7 @@ class Mailbox:
         while self.crowded and not self._closed:
             if self._room is None or self._room.done():
                 self._room = asyncio.get_running_loop().create_future()
-            await self._room
+            await asyncio.shield(self._room)  # shared: a waiter's cancellation is its own
 
     def put_nowait(self, item) -> None:
         """Queue ``item`` if that needs no waiting, else raise MailboxFullError."""

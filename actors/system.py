@@ -515,6 +515,11 @@ class ActorSystem:
         return AskTimeout(f"no {doing} from actor {ref.name or ref.actor_id} to {method}() "
                           f"at {ref.address} within the {timeout:g}s deadline")
 
+    def _full_error(self, ref: ActorRef, method: str, timeout: float) -> errors.MailboxFullError:
+        return errors.MailboxFullError(
+            f"mailbox of actor {ref.name or ref.actor_id} at {ref.address} stayed full until "
+            f"the {timeout:g}s deadline of {method}()")
+
     async def ask(self, ref: ActorRef, method: str, args, kwargs, timeout) -> Any:
         timeout, deadline = self._deadline(timeout)
         corr = next(self._corr)
@@ -531,7 +536,12 @@ class ActorSystem:
                 if not self._deliver_now(ref, request):  # full mailbox: wait for room
                     delivery = asyncio.ensure_future(self._deliver_local(ref, request))
                     future.add_done_callback(lambda _: delivery.cancel())
-                    await delivery
+                    try:
+                        await delivery
+                    except asyncio.CancelledError:
+                        if future.done() and future.exception() is _EXPIRED:
+                            raise self._full_error(ref, method, timeout) from None
+                        raise
             else:
                 self._pending[corr] = pending
                 await self._send_call(ref, Kind.CALL, corr, method, args, kwargs, timeout,
@@ -559,6 +569,8 @@ class ActorSystem:
                 else:
                     await self._send_call(ref, Kind.TELL, 0, method, args, kwargs, 0)
         except TimeoutError:
+            if ref.address == self.address:
+                raise self._full_error(ref, method, timeout) from None
             raise self._timeout_error(ref, method, timeout, "room for a message") from None
 
     async def stream(self, ref: ActorRef, method: str, args, kwargs, timeout, window: int):
