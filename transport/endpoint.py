@@ -20,7 +20,8 @@ makes a send to a vanished route fail with EHOSTUNREACH instead of being dropped
 Bad input never reaches the handler: headers are validated (:mod:`transport.envelope`),
 sizes are checked against :class:`transport.codec.Limits`, and a message that breaks a rule
 gets an ERROR reply when its correlation id could be read (the connection stays usable) or
-is dropped with a log line and a counter.
+is dropped with a log line and a counter. An answer that breaks a rule is replaced, for the
+handler, by an ERROR for the call it answers, so that the call fails at once.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 # Kinds a caller sends (arrive on the ROUTER) and kinds a callee sends (arrive on a DEALER).
 TO_CALLEE = frozenset({Kind.CALL, Kind.TELL, Kind.STREAM, Kind.CANCEL, Kind.CREDIT, Kind.HEARTBEAT})
 TO_CALLER = frozenset({Kind.REPLY, Kind.ERROR, Kind.STREAM_ITEM, Kind.STREAM_END, Kind.HEARTBEAT})
+_ANSWERS = TO_CALLER - {Kind.HEARTBEAT}
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -152,6 +154,16 @@ class Endpoint:
         router = self._ctx.socket(zmq.ROUTER)
         self._configure(router)
         router.router_mandatory = 1  # a reply to a vanished route raises, never vanishes
+        # Backpressure stops reading this socket; libzmq then stops reading the connections
+        # whose queue is full, heartbeats included, and a heartbeat timeout here would cut a
+        # caller that is alive and merely held back (losing what it had queued). Callers
+        # still notice if this side dies (its pings stop); a caller whose host vanished is
+        # found by TCP keepalive, which the kernel answers whatever the queues hold.
+        router.heartbeat_timeout = 24 * 3600 * 1000
+        router.tcp_keepalive = 1
+        router.tcp_keepalive_idle = max(1, round(self.heartbeat.timeout))
+        router.tcp_keepalive_intvl = max(1, round(self.heartbeat.interval))
+        router.tcp_keepalive_cnt = 3
         if self.keys is not None:
             auth.configure_server(router, self.keys)
         if self.bind_address.startswith("ipc://"):
@@ -348,6 +360,14 @@ class Endpoint:
                 send_now(self._router, [route, pack_header(Envelope(Kind.ERROR, corr)), body])
             except zmq.ZMQError as exc:
                 log.info("%s: could not send the rejection: %s", self.address, exc)
+        # An answer we cannot accept still says which call it answers: fail that call now,
+        # not at its deadline.
+        if route is None and corr is not None and kind in _ANSWERS:
+            body = msgpack.packb({"code": "bad_request", "type": "BadRequest", "traceback": "",
+                                  "message": f"the answer from {peer} was refused: {problem}"})
+            wait = self._dispatch(Incoming(Envelope(Kind.ERROR, corr), [body], peer=peer))
+            if wait is not None:
+                asyncio.ensure_future(wait)
         return None
 
     # -- monitors ----------------------------------------------------------------------

@@ -459,3 +459,17 @@ async def test_a_caller_that_reads_nothing_stalls_the_actor_at_most_until_its_de
     await still_serves(host, member)
     assert time.monotonic() - started < 4.0
     assert host.stats()["transport.reply_queue_full"] > 0, host.stats()
+
+
+async def test_an_answer_over_the_callers_limits_fails_the_ask_at_once(host):
+    """The caller's own limits apply to what comes back: a too-big answer is a clear error
+    naming the limit, not a timeout, and the caller's next asks work."""
+    small = Limits(max_frame_bytes=16 * 1024)
+    async with new_system(secret=host.secret, limits=small) as caller:
+        ref = ActorRef(host.address, ECHO, None, caller)
+        assert await ref.ask("echo", "small", timeout=5) == "small"
+        started = time.monotonic()
+        with pytest.raises(BadRequestError, match=str(small.max_frame_bytes)):
+            await ref.ask("echo", [b"x" * 10_000] * 3, timeout=10)  # 30 KB each way
+        assert time.monotonic() - started < 2
+        assert await ref.ask("echo", "again", timeout=5) == "again"

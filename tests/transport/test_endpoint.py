@@ -233,6 +233,29 @@ async def test_an_oversized_tell_is_dropped_and_counted_without_an_answer():
         await server.close()
 
 
+@pytest.mark.parametrize("kind", [Kind.REPLY, Kind.ERROR, Kind.STREAM_ITEM, Kind.STREAM_END])
+async def test_an_oversized_answer_fails_its_call_at_once_instead_of_at_its_deadline(kind):
+    """The caller cannot accept the answer, but it knows which call it answers: the handler
+    gets an ERROR for that call, naming the limit, and the connection stays usable."""
+    server, srv = await start()
+    client, cli = await start(limits=SMALL)
+    srv.echo = False
+    try:
+        await client.send(server.address, Envelope(Kind.CALL, 1), [b"x"])
+        route = (await srv.next()).route
+        assert await server.reply(route, Envelope(kind, 1), [b"x" * 5000])
+        body = error_body(await cli.next())
+        assert body["code"] == "bad_request" and "1000" in body["message"], body
+        assert server.address in body["message"]
+        assert client.counters["rejected"] == 1
+        srv.echo = True
+        await round_trip(client, cli, server.address, 2)
+        assert cli.lost.empty()
+    finally:
+        await client.close()
+        await server.close()
+
+
 # -- bad headers and wrong directions -------------------------------------------------------
 
 
