@@ -11,6 +11,7 @@ import signal
 import time
 import uuid
 
+import psutil
 import torch
 
 from actors import Actor, SupervisorStrategy
@@ -191,13 +192,18 @@ class Flooder(Actor):
     async def flood(self, target, n: int, payload_bytes: int, timeout: float) -> dict:
         payload = b"x" * payload_bytes
         started = time.monotonic()
+        result = {"sent": n, "error": None, "message": ""}
         for i in range(n):
             try:
                 await target.tell("work", 0.0, payload, timeout=timeout)
             except Exception as exc:
-                return {"sent": i, "error": type(exc).__name__, "message": str(exc),
-                        "elapsed": time.monotonic() - started}
-        return {"sent": n, "error": None, "message": "", "elapsed": time.monotonic() - started}
+                result = {"sent": i, "error": type(exc).__name__, "message": str(exc)}
+                break
+        return {**result, "elapsed": time.monotonic() - started,
+                "rss": psutil.Process().memory_info().rss}
+
+    async def rss(self) -> int:
+        return psutil.Process().memory_info().rss
 
 
 class Flaky(Actor):
