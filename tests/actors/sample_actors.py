@@ -311,6 +311,13 @@ class Finder(Actor):
         return None if ref is None else await ref.ask(method, *args, timeout=10)
 
 
+class Registrar(Actor):
+    """Starts named actors in its own process (they register with the cluster's head)."""
+
+    async def start_named(self, name: str):
+        return await self.spawn(Echo, name=name)
+
+
 class Journal(Actor):
     """Writes what it was told to ``path`` when it stops (so a test can see the drain)."""
 
