@@ -594,8 +594,11 @@ class ActorSystem:
             taken = 0
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(pending.queue.get(), timeout)
-                except asyncio.TimeoutError:
+                    # Not wait_for: on Python 3.11 it swallows a cancellation that arrives
+                    # together with an item, and the cancelled consumer would go on taking.
+                    async with asyncio.timeout(timeout):
+                        kind, value = await pending.queue.get()
+                except TimeoutError:
                     raise self._timeout_error(ref, method, timeout, "stream item") from None
                 if kind == "end":
                     finished = True
