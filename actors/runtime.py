@@ -22,9 +22,14 @@ def run(main):
 
     Ctrl-C (SIGINT) cancels ``main``, so that its ``finally`` blocks and ``async with
     ActorSystem()`` exits run and shut everything down; a second Ctrl-C is not needed.
+    Then the program exits with status 130 (as a shell reports Ctrl-C), without a
+    traceback: SystemExit(130) instead of KeyboardInterrupt.
     """
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(main)
+        try:
+            return runner.run(main)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
 
 
 def configure_logging(level: str | None = None) -> None:
