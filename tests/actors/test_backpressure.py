@@ -28,7 +28,7 @@ async def fill(slow, busy: float) -> None:
 @pytest.mark.parametrize("call", ["ask", "tell"])
 async def test_a_sender_to_a_full_mailbox_gets_mailbox_full_at_its_deadline(system, call):
     slow = await system.spawn(Slow)
-    await fill(slow, 5.0)
+    await fill(slow, 1.5)
     started = time.monotonic()
     with pytest.raises(MailboxFullError, match="mailbox of actor .*slow"):
         await getattr(slow, call)("work", 0.0, timeout=0.5)

@@ -49,9 +49,9 @@ async def test_sigkill_of_the_watched_process_is_noticed_promptly(system, watche
 
 async def test_normal_stop_is_noticed_by_local_and_remote_watchers(system):
     local_target = await system.spawn(Echo)
-    remote_target = await system.spawn(Echo, where="process")
     local_watcher = await system.spawn(Watcher)
-    remote_watcher = await system.spawn(Watcher, where="process")
+    remote_target, remote_watcher = await asyncio.gather(
+        system.spawn(Echo, where="process"), system.spawn(Watcher, where="process"))
     for watcher in (local_watcher, remote_watcher):
         await watcher.ask("watch_ref", local_target)
     await local_watcher.ask("watch_ref", remote_target)

@@ -20,15 +20,15 @@ from .sample_actors import Echo, Finder, Parent, Registrar
 
 
 async def test_a_named_actor_is_found_from_another_process(system):
-    echo = await system.spawn(Echo, name="svc", where="process")
-    finder = await system.spawn(Finder, where="process")
+    echo, finder, registrar = await asyncio.gather(
+        system.spawn(Echo, name="svc", where="process"), system.spawn(Finder, where="process"),
+        system.spawn(Registrar, where="process"))
     assert await system.lookup("svc") == echo
     assert await finder.ask("find", "svc") == echo
     assert await finder.ask("find_and_ask", "svc", "echo", "by name") == "by name"
     assert await finder.ask("find", "no-such-name") is None
 
     # An actor started (and named) inside another process is registered cluster-wide too.
-    registrar = await system.spawn(Registrar, where="process")
     inner = await registrar.ask("start_named", "inner")
     found = await system.lookup("inner")
     assert found == inner and found.address == registrar.address

@@ -57,8 +57,8 @@ async def test_order_holds_per_sender_with_a_remote_sender_to_a_full_mailbox(sys
 
 
 async def test_order_holds_between_two_processes(system):
-    recorder = await system.spawn(Recorder, where="process")
-    sender = await system.spawn(Sender, where="process")
+    recorder, sender = await asyncio.gather(system.spawn(Recorder, where="process"),
+                                            system.spawn(Sender, where="process"))
     remote = asyncio.ensure_future(sender.ask("send", recorder, "remote", 500, 7))
     await send_numbered(recorder, "local", 500)
     assert await remote == 500

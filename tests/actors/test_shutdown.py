@@ -23,8 +23,9 @@ async def test_async_with_drains_stops_everything_and_leaves_no_process(tmp_path
     local_log, remote_log = tmp_path / "local.json", tmp_path / "remote.json"
     async with new_system() as system:
         local = await system.spawn(Journal, str(local_log), 0.005)
-        remote = await system.spawn(Journal, str(remote_log), 0.005, where="process")
-        nest = await system.spawn(Nest, where="process")  # a process with a process child
+        remote, nest = await asyncio.gather(  # nest: a process with a process child
+            system.spawn(Journal, str(remote_log), 0.005, where="process"),
+            system.spawn(Nest, where="process"))
         pids = await nest.ask("pids")
         assert len(pids) == 2 and len(live_descendants()) == 3
         for i in range(50):
@@ -121,7 +122,8 @@ async def end_script(proc, pids, how) -> tuple[int, str]:
     return proc.returncode, stderr.decode(errors="replace")
 
 
-@pytest.mark.parametrize("target", ["process", "process group"])
+@pytest.mark.parametrize("target", [
+    "process", pytest.param("process group", marks=pytest.mark.slow)])
 async def test_ctrl_c_shuts_a_program_down_cleanly(tmp_path, pythonpath, target):
     """SIGINT to the program (or, as a terminal's Ctrl-C does, to its whole process group):
     it exits without a traceback and leaves no process behind."""
@@ -135,6 +137,7 @@ async def test_ctrl_c_shuts_a_program_down_cleanly(tmp_path, pythonpath, target)
     await assert_no_descendants()
 
 
+@pytest.mark.slow
 async def test_killing_the_program_takes_its_actor_processes_with_it(tmp_path, pythonpath):
     proc, pids = await start_script(tmp_path, pythonpath)
     code, _ = await end_script(proc, pids, lambda: os.kill(proc.pid, signal.SIGKILL))

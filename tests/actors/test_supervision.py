@@ -13,7 +13,7 @@ import pytest
 
 from actors import ActorDeadError, RemoteError
 
-from .conftest import eventually
+from .conftest import eventually, live_descendants
 from .sample_actors import Flaky, GrandParent, Parent, TeamParent, Watcher
 
 
@@ -42,24 +42,41 @@ async def test_crashing_local_child_is_restarted_under_the_same_ref(system, tmp_
     assert await parent.ask("kids") == [child]
 
 
-async def test_child_process_is_restarted_after_a_crash_and_after_sigkill(system, tmp_path):
+async def test_child_process_killed_with_sigkill_is_restarted_under_the_same_ref(
+        system, tmp_path):
     marker = tmp_path / "starts"
     parent = await system.spawn(Parent, "process", str(marker))
     [child] = await parent.ask("kids")
-    pids = [await child.ask("pid")]
-
-    with pytest.raises(RemoteError, match="asked to crash"):
-        await child.ask("crash")
-    await eventually(lambda: starts(marker) == 2, timeout=20, what="the first restart")
-    pids.append(await eventually(lambda: answers(child, "pid"), timeout=20,
-                                 what="the restarted child to answer under the same ref"))
-
-    os.kill(pids[-1], signal.SIGKILL)
-    await eventually(lambda: starts(marker) == 3, timeout=20, what="the second restart")
-    pids.append(await eventually(lambda: answers(child, "pid"), timeout=20,
-                                 what="the child restarted after SIGKILL to answer"))
-    assert len(set(pids)) == 3 and os.getpid() not in pids
+    pid = await child.ask("pid")
+    os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: starts(marker) == 2, timeout=20, what="the restart")
+    new_pid = await eventually(lambda: answers(child, "pid"), timeout=20,
+                               what="the restarted child to answer under the same ref")
+    assert new_pid not in (pid, os.getpid())
     assert await parent.ask("kids") == [child]
+
+
+@pytest.mark.slow
+async def test_child_process_that_crashes_too_often_escalates(system, tmp_path):
+    marker = tmp_path / "starts"
+    parent = await system.spawn(Parent, "process", str(marker))  # 2 restarts within 30 s
+    watcher = await system.spawn(Watcher)
+    await watcher.ask("watch_ref", parent)
+    [child] = await parent.ask("kids")
+    pids = [await child.ask("pid")]
+    for restart in (1, 2):
+        with pytest.raises(RemoteError, match="asked to crash"):
+            await child.ask("crash")
+        await eventually(lambda: starts(marker) == restart + 1, timeout=20)
+        pids.append(await eventually(lambda: answers(child, "pid"), timeout=20))
+    assert len(set(pids)) == 3
+    with pytest.raises(RemoteError):
+        await child.ask("crash")
+    [[who, reason, _]] = await eventually(lambda: watcher.ask("notices"), timeout=20)
+    assert who == parent.actor_id and "EscalationError" in reason
+    with pytest.raises(ActorDeadError):
+        await child.ask("ping", timeout=10)
+    await eventually(lambda: not live_descendants(), timeout=15, what="the child to exit")
 
 
 async def test_one_for_all_restarts_the_siblings_too(system, tmp_path):
