@@ -446,19 +446,18 @@ async def test_a_caller_that_reads_nothing_stalls_the_actor_at_most_until_its_de
     """Its answers fill its queue (the high-water mark); each waits for room at most until
     that caller's deadline, then is dropped and counted, and the actor serves the others."""
     await hostile.ask_echo("connected")
-    blocked_since = None
-    while blocked_since is None or time.monotonic() - blocked_since < 0.3:
+    give_up = time.monotonic() + 20
+    while not host.stats().get("transport.reply_queue_full"):
+        assert time.monotonic() < give_up, f"no answer was dropped: {host.stats()}"
         frames, _ = hostile.call("echo", ["x" * 30_000], deadline_ms=1000)
         try:
             await hostile.sock.send_multipart(frames, zmq.NOBLOCK)
-            blocked_since = None
-        except zmq.Again:  # the system reads no more from it: its actor is stuck
-            blocked_since = blocked_since or time.monotonic()
+            await asyncio.sleep(0)
+        except zmq.Again:  # the system holds it back while its actor catches up
             await asyncio.sleep(0.01)
     started = time.monotonic()
     await still_serves(host, member)
     assert time.monotonic() - started < 4.0
-    assert host.stats()["transport.reply_queue_full"] > 0, host.stats()
 
 
 async def test_an_answer_over_the_callers_limits_fails_the_ask_at_once(host):
