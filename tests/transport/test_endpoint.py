@@ -18,7 +18,8 @@ import zmq
 
 from transport import auth
 from transport.codec import Limits
-from transport.endpoint import TO_CALLEE, TO_CALLER, Endpoint, Heartbeat, Incoming
+from transport.endpoint import (TO_CALLEE, TO_CALLER, Endpoint, Heartbeat, Incoming,
+                                TransportError)
 from transport.envelope import Envelope, Kind, pack_header
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -332,7 +333,7 @@ async def test_sending_after_close_fails_cleanly():
     server, _ = await start()
     client, _ = await start()
     await client.close()
-    with pytest.raises(Exception, match="closed"):
+    with pytest.raises(TransportError, match="closed"):
         await client.send(server.address, Envelope(Kind.CALL, 1))
     assert await client.reply(b"route", Envelope(Kind.REPLY, 1)) is False
     await server.close()
