@@ -310,11 +310,8 @@ class Finder(Actor):
         ref = await self.system.lookup(name, timeout=10)
         return None if ref is None else await ref.ask(method, *args, timeout=10)
 
-
-class Registrar(Actor):
-    """Starts named actors in its own process (they register with the cluster's head)."""
-
     async def start_named(self, name: str):
+        """Start a named Echo in this process (it registers with the cluster's head)."""
         return await self.spawn(Echo, name=name)
 
 

@@ -13,25 +13,24 @@ import time
 import psutil
 import pytest
 
-from actors import ActorDeadError, SpawnError
+from actors import ActorDeadError, SpawnError, UnknownActorError
 
 from .conftest import eventually, pid_alive
-from .sample_actors import Echo, Finder, Parent, Registrar
+from .sample_actors import Echo, Finder, Parent
 
 
 async def test_a_named_actor_is_found_from_another_process(system):
-    echo, finder, registrar = await asyncio.gather(
-        system.spawn(Echo, name="svc", where="process"), system.spawn(Finder, where="process"),
-        system.spawn(Registrar, where="process"))
+    echo, finder = await asyncio.gather(system.spawn(Echo, name="svc", where="process"),
+                                        system.spawn(Finder, where="process"))
     assert await system.lookup("svc") == echo
     assert await finder.ask("find", "svc") == echo
     assert await finder.ask("find_and_ask", "svc", "echo", "by name") == "by name"
     assert await finder.ask("find", "no-such-name") is None
 
     # An actor started (and named) inside another process is registered cluster-wide too.
-    inner = await registrar.ask("start_named", "inner")
+    inner = await finder.ask("start_named", "inner")
     found = await system.lookup("inner")
-    assert found == inner and found.address == registrar.address
+    assert found == inner and found.address == finder.address
     assert await finder.ask("find_and_ask", "inner", "echo", 7) == 7
 
 
@@ -91,7 +90,8 @@ async def test_spawn_through_a_node_agent_and_lose_it(system, agent):
     assert agent_ref is not None and agent_ref.address.startswith("tcp://127.0.0.2:")
     assert (await agent_ref.ask("info"))["pid"] == proc.pid
 
-    echo = await system.spawn(Echo, name="on-n2", where=agent_ref)
+    echo, parent = await asyncio.gather(system.spawn(Echo, name="on-n2", where=agent_ref),
+                                        system.spawn(Parent, agent_ref))
     assert echo.address.startswith("tcp://127.0.0.2:")
     pid = await echo.ask("pid")
     leftovers.append(pid)
@@ -99,7 +99,6 @@ async def test_spawn_through_a_node_agent_and_lose_it(system, agent):
     assert await (await system.lookup("on-n2")).ask("echo", "hi") == "hi"
 
     # A supervised child on the agent's node is restarted through the agent.
-    parent = await system.spawn(Parent, agent_ref)
     [child] = await parent.ask("kids")
     assert child.address.startswith("tcp://127.0.0.2:")
     first_pid = await child.ask("pid")
@@ -108,8 +107,8 @@ async def test_spawn_through_a_node_agent_and_lose_it(system, agent):
 
     async def restarted():
         try:
-            return await child.ask("pid", timeout=5) not in (first_pid, None)
-        except ActorDeadError:
+            return await child.ask("pid", timeout=5) != first_pid
+        except (ActorDeadError, UnknownActorError):  # dead, or its process not ready yet
             return False
     await eventually(restarted, timeout=30, what="the child's restart through the agent")
     leftovers.append(await child.ask("pid"))

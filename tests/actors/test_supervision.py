@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from actors import ActorDeadError, RemoteError
+from actors import ActorDeadError, RemoteError, UnknownActorError
 
 from .conftest import eventually, live_descendants
 from .sample_actors import Flaky, GrandParent, Parent, TeamParent, Watcher
@@ -22,10 +22,11 @@ def starts(marker) -> int:
 
 
 async def answers(ref, method: str = "ping"):
-    """The ref's answer, or None while it is dead or restarting."""
+    """The ref's answer, or None while it is dead or restarting (a restarted process that
+    is up but has not started its actor yet says it has no such actor)."""
     try:
         return await ref.ask(method, timeout=5)
-    except ActorDeadError:
+    except (ActorDeadError, UnknownActorError):
         return None
 
 
