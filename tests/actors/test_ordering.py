@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 
 from .sample_actors import Recorder, Sender, SlowRecorder
 
@@ -26,9 +25,8 @@ async def send_numbered(target, tag: str, n: int, ask_every: int = 10) -> None:
             await target.tell("record", [tag, i])
 
 
-@pytest.mark.parametrize("where", ["local", "process"])
-async def test_tells_and_asks_from_one_sender_arrive_in_order(system, where):
-    recorder = await system.spawn(Recorder, where=where)
+async def test_tells_and_asks_from_one_sender_arrive_in_order(system):
+    recorder = await system.spawn(Recorder)
     for i in range(1000):
         await recorder.tell("record", i)
     # An ask after many tells sees every one of them: it was queued behind them.
@@ -57,6 +55,7 @@ async def test_order_holds_per_sender_with_a_remote_sender_to_a_full_mailbox(sys
 
 
 async def test_order_holds_between_two_processes(system):
+    """This process and another one each send tells and asks to an actor in a third."""
     recorder, sender = await asyncio.gather(system.spawn(Recorder, where="process"),
                                             system.spawn(Sender, where="process"))
     remote = asyncio.ensure_future(sender.ask("send", recorder, "remote", 500, 7))
