@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-
 from .sample_actors import Recorder, Sender, SlowRecorder
 
 
