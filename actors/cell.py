@@ -153,6 +153,8 @@ class ActorCell:
 
     async def _handle(self, request: Request) -> None:
         loop = asyncio.get_running_loop()
+        if self.state == "failed":  # taken in the moment before the teardown: not for it
+            return await self._fail_request(request, ActorDeadError(f"actor {self.ref} failed"))
         if request.cancelled:
             self.system.counters["cancelled_before_start"] += 1
             return self.system._forget(request)

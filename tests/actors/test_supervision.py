@@ -164,3 +164,21 @@ async def test_calls_in_flight_fail_at_once_when_the_actor_dies(system, how):
         with pytest.raises(ActorDeadError):
             await call
     assert time.monotonic() - started < 3, "the calls failed at their timeout, not at once"
+
+
+async def test_calls_queued_behind_the_failing_one_fail_as_dead(system):
+    """The failed instance answers nothing more: what was queued behind the call that
+    crashed it fails with ActorDeadError (the restarted instance starts afresh)."""
+    parent = await system.spawn(Parent)
+    [child] = await parent.ask("kids")
+    before = await child.ask("incarnation")
+    crash = asyncio.ensure_future(child.ask("crash"))
+    queued = [asyncio.ensure_future(child.ask("incarnation")) for _ in range(3)]
+    with pytest.raises(RemoteError):
+        await crash
+    for call in queued:
+        try:
+            answer = await call
+        except ActorDeadError:
+            continue
+        assert answer != before, "the failed instance handled a call queued after its failure"
