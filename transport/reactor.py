@@ -58,24 +58,34 @@ class SocketReader:
         self._fd = sock.getsockopt(zmq.FD)
         self._paused = False
         self._scheduled = False
+        self._kicked = False
         self._closed = False
         self.loop.add_reader(self._fd, self._drain)
         self.kick()  # messages that arrived before the reader was registered
 
     def kick(self) -> None:
         """Drain soon if input is pending (call after sending on this socket)."""
+        if self._scheduled or self._paused or self._closed or self._kicked:
+            return
+        # Checked once per loop turn, after all of the turn's sends: one EVENTS read (3 us)
+        # instead of one per send when many go out together (pipelined calls, a batch of
+        # replies).
+        self._kicked = True
+        self.loop.call_soon(self._check)
+
+    def _check(self) -> None:
+        self._kicked = False
         if self._scheduled or self._paused or self._closed:
             return
         if _get(self.sock, _EVENTS) & _POLLIN:
-            self._scheduled = True
-            self.loop.call_soon(self._drain)
+            self._drain()
 
     def _drain(self) -> None:
         self._scheduled = False
         if self._paused or self._closed:
             return
         sock = self.sock
-        for _ in range(BATCH):
+        for i in range(BATCH):
             try:
                 parts = [_recv(sock, _NOBLOCK, True)]
             except zmq.Again:
@@ -91,6 +101,10 @@ class SocketReader:
                 self._pause(wait)
                 return
             if self._closed:
+                return
+            if i == 0 and not _get(sock, _EVENTS) & _POLLIN:
+                # A lone message, the usual case with one call in flight: reading EVENTS
+                # re-arms the FD as above, without first raising zmq.Again (about 8 us).
                 return
         self._scheduled = True
         self.loop.call_soon(self._drain)
