@@ -33,8 +33,10 @@ class ActorRef:
 
     @property
     def system(self):
+        if self._system is not None:  # the common case: no import statement per call
+            return self._system
         from .system import current_system
-        return self._system or current_system()
+        return current_system()
 
     async def ask(self, method: str, *args, timeout: float | None = None, **kwargs) -> Any:
         """Call ``method`` and return its result.
