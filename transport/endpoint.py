@@ -261,8 +261,14 @@ class Endpoint:
         sock.routing_id = self._identity + os.urandom(4)
         if self.keys is not None:
             auth.configure_client(sock, self.keys)
-        sock.connect(address)
         conn = self._conns[address] = _Connection(self, address, sock)
+        # Connect only once the monitor listens: libzmq does not report a handshake that
+        # finished before, and the peer would then be declared lost at the timeout.
+        try:
+            sock.connect(address)
+        except zmq.ZMQError:
+            self._drop(conn)
+            raise
         return conn
 
     def expect_loss(self, address: str) -> None:
