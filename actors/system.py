@@ -356,9 +356,12 @@ class ActorSystem:
             victims = list(parent.children)
             for other in victims:
                 if other != child_id:
+                    # Its process exiting is part of this restart, not news to supervise.
+                    self.unwatch(parent.ref, parent.children[other].ref)
                     await self._halt(parent.children[other])
         for victim in victims:
-            await self._restart(parent, parent.children[victim], why)
+            if victim in parent.children:  # (unless it stopped for good meanwhile)
+                await self._restart(parent, parent.children[victim], why)
 
     async def _halt(self, record: ChildRecord) -> None:
         """Stop a child so that it can be restarted (one_for_all)."""

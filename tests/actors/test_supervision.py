@@ -182,3 +182,16 @@ async def test_calls_queued_behind_the_failing_one_fail_as_dead(system):
         except ActorDeadError:
             continue
         assert answer != before, "the failed instance handled a call queued after its failure"
+
+
+@pytest.mark.slow
+async def test_one_for_all_restarts_sibling_processes_too(system, tmp_path):
+    marker = tmp_path / "starts"
+    parent = await system.spawn(TeamParent, "process", str(marker), 2)
+    kids = await parent.ask("kids")
+    pids = [await kid.ask("pid") for kid in kids]
+    os.kill(pids[0], signal.SIGKILL)
+    await eventually(lambda: starts(marker) == 4, timeout=30, what="both children to restart")
+    new_pids = [await eventually(lambda k=kid: answers(k, "pid"), timeout=20) for kid in kids]
+    assert not set(new_pids) & set(pids)
+    assert await parent.ask("kids") == kids
