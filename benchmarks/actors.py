@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -277,8 +278,24 @@ class Ray:
         import ray
         self.ray = ray
         # Quieter logs and no worker output in our stdout: nothing that changes its speed.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        # ray.init can swallow a KeyboardInterrupt, and installs a SIGTERM handler that
+        # would skip our cleanup: note Ctrl-C ourselves, and put our SIGTERM handler back.
+        interrupted = []
+
+        def on_sigint(*_):
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+        sigint = signal.signal(signal.SIGINT, on_sigint)
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        finally:
+            signal.signal(signal.SIGINT, sigint)
+            signal.signal(signal.SIGTERM, sigterm)
+        if interrupted:
+            raise KeyboardInterrupt
         self.actor = ray.remote(RayEcho).remote()
 
     def rtt(self, n: int) -> float:
@@ -352,7 +369,7 @@ class Bench:
                 part.close()
             except BaseException as exc:  # keep cleaning up; say what went wrong
                 print(f"cleanup of {type(part).__name__} failed: {exc!r}", file=sys.stderr)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # closes any socket a failure left open
 
     def record(self, figure: str, who: str, value: float) -> None:
         self.samples.setdefault((figure, who), []).append(value)
@@ -361,50 +378,48 @@ class Bench:
         plan, ours = self.plan, self.ours
         header, body = ours.request_sizes()
         parts = [b"h" * header, b"b" * body]
+        rtt = {"ours": lambda n: ours.run(ours_rtt(ours.ref, n))}
+        pipelined = {"ours": lambda n: 1 / ours.run(ours_pipelined(ours.ref, n))}
+        for name, raw in self.raw.items():
+            rtt[name] = functools.partial(raw_rtt, raw.small, parts)
+            pipelined[name] = lambda n, raw=raw: 1 / raw_pipelined(raw.small, parts, n)
+        if self.ray is not None:
+            rtt["ray"] = self.ray.rtt
+            pipelined["ray"] = lambda n: 1 / self.ray.pipelined(n)
 
         # Warm up every path (connections, CURVE handshakes, Ray's workers) and size each
         # contender's measurements to take about plan.seconds.
         progress("warming up")
-        rtt_n, pipe_n = {}, {}
-        rtt_n["ours"] = calls_for(ours.run(ours_rtt(ours.ref, plan.warmup)), plan)
-        pipe_n["ours"] = calls_for(1 / ours.run(ours_pipelined(ours.ref, plan.warmup * 4)), plan,
-                                   WINDOW)
-        for name, raw in self.raw.items():
-            rtt_n[name] = calls_for(raw_rtt(raw.small, parts, plan.warmup), plan)
-            pipe_n[name] = calls_for(1 / raw_pipelined(raw.small, parts, plan.warmup * 4), plan,
-                                     2 * WINDOW)
-        if self.ray is not None:
-            rtt_n["ray"] = calls_for(self.ray.rtt(plan.warmup), plan)
-            pipe_n["ray"] = calls_for(1 / self.ray.pipelined(plan.warmup * 2), plan, WINDOW)
-
+        rtt_n = {who: calls_for(f(plan.warmup), plan) for who, f in rtt.items()}
+        pipe_n = {who: calls_for(f(plan.warmup * 4), plan, 2 * WINDOW)
+                  for who, f in pipelined.items()}
         progress(f"round trips, {plan.reps} repetitions")
-        for _ in range(plan.reps):
-            self.record("rtt", "ours", ours.run(ours_rtt(ours.ref, rtt_n["ours"])))
-            for name, raw in self.raw.items():
-                self.record("rtt", name, raw_rtt(raw.small, parts, rtt_n[name]))
-            if self.ray is not None:
-                self.record("rtt", "ray", self.ray.rtt(rtt_n["ray"]))
+        self.measure("rtt", {who: functools.partial(f, rtt_n[who]) for who, f in rtt.items()},
+                     plan.reps)
         progress(f"pipelined calls, {plan.reps} repetitions")
-        for _ in range(plan.reps):
-            self.record("pipelined", "ours", ours.run(ours_pipelined(ours.ref, pipe_n["ours"])))
-            for name, raw in self.raw.items():
-                self.record("pipelined", name, raw_pipelined(raw.small, parts, pipe_n[name]))
-            if self.ray is not None:
-                self.record("pipelined", "ray", self.ray.pipelined(pipe_n["ray"]))
+        self.measure("pipelined", {who: lambda f=f, n=pipe_n[who]: 1 / f(n)
+                                   for who, f in pipelined.items()}, plan.reps)
 
         progress(f"64 MiB round trips, {plan.big_reps} repetitions")
         import torch
         tensor = torch.ones(BIG_BYTES // 4, dtype=torch.float32)
         buffer = memoryview(tensor.numpy()).cast("B")
-        ours.run(ours_big(ours.ref, tensor, 1))
-        for raw in self.raw.values():
-            raw_big(raw.big, buffer, 1)
         mb = 2 * BIG_BYTES / 1e6
-        for _ in range(plan.big_reps):
-            self.record("bandwidth", "ours", mb / ours.run(ours_big(ours.ref, tensor,
-                                                                     plan.big_calls)))
-            for name, raw in self.raw.items():
-                self.record("bandwidth", name, mb / raw_big(raw.big, buffer, plan.big_calls))
+        big = {"ours": lambda n: mb / ours.run(ours_big(ours.ref, tensor, n))}
+        for name, raw in self.raw.items():
+            big[name] = lambda n, raw=raw: mb / raw_big(raw.big, buffer, n)
+        for f in big.values():
+            f(1)
+        self.measure("bandwidth", {who: functools.partial(f, plan.big_calls)
+                                   for who, f in big.items()}, plan.big_reps)
+
+    def measure(self, figure: str, contenders: dict, reps: int) -> None:
+        """``reps`` rounds of every contender; the order rotates from round to round, so
+        that none always runs first (or right after a particular other one)."""
+        order = list(contenders)
+        for rep in range(reps):
+            for who in order[rep % len(order):] + order[:rep % len(order)]:
+                self.record(figure, who, contenders[who]())
 
     def median(self, figure: str, who: str) -> float | None:
         values = self.samples.get((figure, who))
@@ -436,6 +451,7 @@ def summarize(bench: Bench, plan: Plan, quick: bool, seconds: float) -> dict:
     result["ray_note"] = bench.ray_note
     result["quick"] = quick
     result["repetitions"] = plan.reps
+    result["repetitions_bandwidth"] = plan.big_reps
     result["seconds"] = round(seconds, 1)
     return result
 
@@ -490,15 +506,18 @@ def main() -> dict | None:
         serve_raw(None if args.raw_server == "-" else args.raw_server)
         return None
     os.chdir(ROOT)  # the actor's child process must import the package, not this file
-    # SIGTERM ends the run like Ctrl-C does: through the finally below, which stops every
-    # process this benchmark started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM ends the run as Ctrl-C does (KeyboardInterrupt, or a cancelled task inside
+    # the event loop), through the finally below, which stops every process started here.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     plan = QUICK if args.quick else FULL
     began = time.perf_counter()
     bench = Bench(plan, use_ray=not args.no_ray)
     try:
         bench.start()
         bench.run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         bench.close()
     result = summarize(bench, plan, args.quick, time.perf_counter() - began)
