@@ -394,7 +394,7 @@ class ActorSystem:
             ref, proc = await spawn_elsewhere(
                 self, record.cls, record.args, record.kwargs, record.ref.actor_id,
                 record.ref.name, record.where, self.default_timeout, rebind=record.ref.address)
-        except SpawnError as exc:
+        except errors.ActorError as exc:  # SpawnError, or e.g. its node agent is gone too
             await self._supervise(parent, record.ref.actor_id, str(exc))
             return
         record.ref, record.process = ref, proc

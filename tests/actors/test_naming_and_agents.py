@@ -16,7 +16,7 @@ import pytest
 from actors import ActorDeadError, SpawnError, UnknownActorError
 
 from .conftest import eventually, pid_alive
-from .sample_actors import Echo, Finder, Parent
+from .sample_actors import Echo, Finder, Parent, Watcher
 
 
 async def test_a_named_actor_is_found_from_another_process(system):
@@ -114,9 +114,16 @@ async def test_spawn_through_a_node_agent_and_lose_it(system, agent):
     leftovers.append(await child.ask("pid"))
 
     # The agent dies: its children go with it, and calls to them fail as dead.
+    watcher = await system.spawn(Watcher)
+    await watcher.ask("watch_ref", parent)
     proc.kill()
     await eventually(lambda: not pid_alive(pid), timeout=15, what="the echo process to exit")
     started = time.monotonic()
     with pytest.raises(ActorDeadError):
         await echo.ask("echo", "anyone?", timeout=20)
     assert time.monotonic() - started < 10
+    # The supervisor cannot restart its child without the agent: it runs out of restarts
+    # (2 within 30 s, one of them used above) and escalates; its watcher hears of it.
+    [[who, reason, _]] = await eventually(lambda: watcher.ask("notices"), timeout=20,
+                                          what="the parent to give up")
+    assert who == parent.actor_id and "EscalationError" in reason
