@@ -7,7 +7,8 @@ actor and reports back. The child process lives exactly as long as its actor:
 
 - the actor stops normally: the process exits with code 0;
 - the actor fails for good: code 1 (the parent's supervisor sees the failure);
-- the parent process dies (its connection closes): the child shuts down by itself;
+- the parent process dies (its connection closes): the actor fails and the process
+  exits with code 1 by itself;
 - SIGTERM or SIGINT: graceful shutdown.
 
 Every step has a deadline; a child that does not come up in time is killed and the
@@ -261,8 +262,13 @@ async def _child_main(args) -> int:
         loop.add_signal_handler(sig, system.shutdown_requested.set)
     waits = {cell.stopped, parent_lost, asyncio.ensure_future(system.shutdown_requested.wait())}
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    if parent_lost.done():
+    if parent_lost.done() and not cell.stopped.done():
         log.warning("parent %s is gone (%s): shutting down", args.parent, parent_lost.result())
+        # No one asked this actor to stop: it fails, so that whoever supervises it from
+        # elsewhere (it was started through a node agent) restarts it or escalates.
+        cell.fail(RuntimeError(f"its parent process at {args.parent} is gone: "
+                               f"{parent_lost.result()}"))
+        await asyncio.wait({cell.stopped}, timeout=10.0)
     failed = cell.stopped.done() and cell.stopped.result()
     await system.shutdown(timeout=10.0, linger=1.0)
     return 1 if failed else 0
