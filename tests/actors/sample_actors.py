@@ -90,6 +90,9 @@ class Sender(Actor):
                 await target.ask("record", [tag, i], timeout=20)
             else:
                 await target.tell("record", [tag, i], timeout=20)
+        # A round trip behind the tells: once it is answered, every tell has been handled
+        # (FIFO per sender), so whoever asks next sees them all.
+        await target.ask("history", timeout=20)
         return n
 
 

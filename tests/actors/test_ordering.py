@@ -16,6 +16,19 @@ def per_sender(history: list) -> dict[str, list[int]]:
     return seqs
 
 
+def check_sequence(seq: list[int], n: int, who: str) -> None:
+    """``seq`` is 0..n-1 in order; else say what was lost, repeated or reordered."""
+    if seq == list(range(n)):
+        return
+    missing = sorted(set(range(n)) - set(seq))
+    repeated = sorted({i for i in seq if seq.count(i) > 1})
+    first_bad = next((k for k, i in enumerate(seq) if k == 0 or i != seq[k - 1] + 1), None)
+    raise AssertionError(
+        f"{who}: {len(seq)} of {n} messages; missing {missing[:20]}, repeated "
+        f"{repeated[:20]}, order breaks at position {first_bad}: "
+        f"{seq[max(0, (first_bad or 0) - 3):(first_bad or 0) + 5]}")
+
+
 async def send_numbered(target, tag: str, n: int, ask_every: int = 10) -> None:
     for i in range(n):
         if i % ask_every == 0:
@@ -61,4 +74,5 @@ async def test_order_holds_between_two_processes(system):
     await send_numbered(recorder, "local", 500)
     assert await remote == 500
     seqs = per_sender(await recorder.ask("history"))
-    assert seqs == {"local": list(range(500)), "remote": list(range(500))}
+    check_sequence(seqs.get("local", []), 500, "local sender")
+    check_sequence(seqs.get("remote", []), 500, "remote sender")
