@@ -14,7 +14,7 @@ import uuid
 import psutil
 import torch
 
-from actors import Actor, SupervisorStrategy
+from actors import Actor, ActorError, SupervisorStrategy
 
 
 class Echo(Actor):
@@ -199,7 +199,7 @@ class Flooder(Actor):
         for i in range(n):
             try:
                 await target.tell("work", 0.0, payload, timeout=timeout)
-            except Exception as exc:
+            except ActorError as exc:  # AskTimeout or MailboxFullError, expected
                 result = {"sent": i, "error": type(exc).__name__, "message": str(exc)}
                 break
         return {**result, "elapsed": time.monotonic() - started,
@@ -220,8 +220,7 @@ class Flaky(Actor):
 
     async def on_start(self) -> None:
         if self.marker:
-            with open(self.marker, "a") as f:
-                f.write("start\n")
+            _append(self.marker, "start\n")
 
     async def ping(self) -> str:
         return "pong"
@@ -331,8 +330,7 @@ class Journal(Actor):
         self.seen.append(value)
 
     async def on_stop(self) -> None:
-        with open(self.path, "w") as f:
-            json.dump(self.seen, f)
+        _write(self.path, json.dumps(self.seen))
 
 
 class StuckOnStop(Actor):
@@ -370,3 +368,13 @@ class Tensors(Actor):
 
 def sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+def _append(path: str, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)

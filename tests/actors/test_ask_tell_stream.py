@@ -9,8 +9,13 @@ import pytest
 import pytest_asyncio
 import torch
 
-from actors import (ActorRef, BadRequestError, RemoteError, UnknownActorError,
-                    UnknownMethodError)
+from actors import (
+    ActorRef,
+    BadRequestError,
+    RemoteError,
+    UnknownActorError,
+    UnknownMethodError,
+)
 
 from .conftest import assert_no_descendants, eventually, new_system
 from .sample_actors import Echo, Recorder

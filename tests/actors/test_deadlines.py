@@ -3,7 +3,6 @@ and the deadline, and work nobody waits for any more is cancelled or skipped."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest

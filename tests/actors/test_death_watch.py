@@ -81,7 +81,7 @@ async def test_watching_an_actor_that_is_not_running_tells_at_once(system, where
     ghost = ActorRef(host.address, "never-existed", None, system)
     watcher = await system.spawn(Watcher)
     await watcher.ask("watch_ref", ghost)
-    who, reason, _ = await one_notice(watcher, timeout=5)
+    who, _, _ = await one_notice(watcher, timeout=5)
     assert who == "never-existed"
 
 

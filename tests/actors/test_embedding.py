@@ -9,8 +9,6 @@ import os
 import signal
 import time
 
-import pytest
-
 from actors import Actor
 
 from .conftest import assert_no_descendants, new_system

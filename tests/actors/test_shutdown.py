@@ -15,7 +15,13 @@ import pytest
 
 from actors import ActorDeadError, RemoteError
 
-from .conftest import assert_no_descendants, eventually, live_descendants, new_system, pid_alive
+from .conftest import (
+    assert_no_descendants,
+    eventually,
+    live_descendants,
+    new_system,
+    pid_alive,
+)
 from .sample_actors import Echo, Journal, Nest, SerialSleeper, StuckOnStop
 
 

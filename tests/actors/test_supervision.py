@@ -68,7 +68,7 @@ async def test_child_process_that_crashes_too_often_escalates(system, tmp_path):
     for restart in (1, 2):
         with pytest.raises(RemoteError, match="asked to crash"):
             await child.ask("crash")
-        await eventually(lambda: starts(marker) == restart + 1, timeout=20)
+        await eventually(lambda n=restart + 1: starts(marker) == n, timeout=20)
         pids.append(await eventually(lambda: answers(child, "pid"), timeout=20))
     assert len(set(pids)) == 3
     with pytest.raises(RemoteError):
