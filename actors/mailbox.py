@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Awaitable
+from collections.abc import Awaitable
 
 from .errors import ActorDeadError, MailboxFullError
 
