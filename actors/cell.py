@@ -50,7 +50,6 @@ class ActorCell:
         self.mailbox = Mailbox(cls.mailbox_size, owner=f"actor {ref}")
         self.instance: Actor | None = None
         self.state = "new"
-        self.restarts = 0
         self.children: dict[str, Any] = {}  # actor_id -> ChildRecord (see system)
         self.budget = RestartBudget(cls.supervisor_strategy)
         self.watchers: set = set()

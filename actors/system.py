@@ -26,7 +26,7 @@ import logging
 import os
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transport import codec
@@ -80,11 +80,6 @@ class ChildRecord:
     where: Any  # "local", "process" or a node agent's ActorRef
     cell: ActorCell | None = None
     process: Any = None  # actors.process.ChildProcess for where="process"
-
-
-@dataclass
-class _Watch:
-    watchers: set = field(default_factory=set)
 
 
 class RemoteSink(Sink):
@@ -166,7 +161,7 @@ class ActorSystem:
         self._names: dict[str, ActorRef] = {}  # the registry (head) or local cache
         self._pending: dict[int, PendingCall | PendingStream] = {}
         self._active: dict[tuple, Request] = {}
-        self._watches: dict[str, dict[str, _Watch]] = defaultdict(dict)  # address->id->watch
+        self._watches: dict[str, dict[str, set]] = defaultdict(dict)  # address->id->watchers
         self._lost: dict[str, asyncio.Future] = {}
         self._launches: dict[str, tuple] = {}  # token -> (spec, started future)
         self._child_processes: set = set()  # actors.process.ChildProcess
@@ -375,7 +370,6 @@ class ActorSystem:
         self.counters["restarts"] += 1
         log.warning("restarting %s (%s): %s", record.ref, parent.cls.supervisor_strategy.kind, why)
         if record.cell is not None:
-            record.cell.restarts += 1
             self._cells[record.ref.actor_id] = record.cell
             try:
                 await record.cell.start()
@@ -414,7 +408,7 @@ class ActorSystem:
             else:
                 cell.watchers.add(watcher)
             return
-        self._watches[target.address].setdefault(target.actor_id, _Watch()).watchers.add(watcher)
+        self._watches[target.address].setdefault(target.actor_id, set()).add(watcher)
         asyncio.ensure_future(self._register_watch(watcher, target))
 
     async def _register_watch(self, watcher: ActorRef, target: ActorRef) -> None:
@@ -432,20 +426,20 @@ class ActorSystem:
             return
         watch = self._watches.get(target.address, {}).get(target.actor_id)
         if watch is not None:
-            watch.watchers.discard(watcher)
+            watch.discard(watcher)
 
     def _target_gone(self, address: str, actor_id: str | None, reason: str,
                      failed: bool = True) -> None:
         """Fire (once) the remote watches on one actor, or on every actor of an address."""
         watches = self._watches.get(address, {})
-        ids = list(watches) if actor_id is None else [actor_id]
-        for target_id in ids:
-            watch = watches.pop(target_id, None)
-            if watch is None:
-                continue
-            target = ActorRef(address, target_id, None, self)
-            for watcher in watch.watchers:
-                asyncio.ensure_future(self._tell_terminated(watcher, target, reason, failed))
+        for target_id in list(watches) if actor_id is None else [actor_id]:
+            self._fire_watch(ActorRef(address, target_id, None, self), reason, failed)
+
+    def _fire_watch(self, target: ActorRef, reason: str, failed: bool) -> None:
+        """Tell each remote-watch watcher of ``target`` once; a fired watch is forgotten."""
+        watchers = self._watches.get(target.address, {}).pop(target.actor_id, ())
+        for watcher in watchers:
+            asyncio.ensure_future(self._tell_terminated(watcher, target, reason, failed))
 
     async def _tell_terminated(self, watcher: ActorRef, target: ActorRef, reason: str,
                                failed: bool) -> None:
@@ -774,9 +768,7 @@ class ActorSystem:
             return
         # Fire the local watch once; if it has fired already (its process was seen to
         # die first), this notice is old news.
-        watch = self._watches.get(target.address, {}).pop(target.actor_id, None)
-        for watcher in watch.watchers if watch is not None else ():
-            asyncio.ensure_future(self._tell_terminated(watcher, target, reason, bool(failed)))
+        self._fire_watch(target, reason, bool(failed))
 
     def _decode_call(self, msg: Incoming) -> tuple[list, dict]:
         try:
