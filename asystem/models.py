@@ -100,6 +100,10 @@ def _convert_gguf(out: Path, dtype: torch.dtype) -> None:
     # save_pretrained refuses a gguf-loaded model; a fresh model with its weights saves normally.
     config = loaded.config
     config.torch_dtype = dtype
+    # The loaded config remembers its GGUF origin as a quantization method; the saved
+    # weights are plain floats, and vLLM refuses to start on an unknown method ("gguf").
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     fresh = LlamaForCausalLM(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.to(dtype).save_pretrained(out)
