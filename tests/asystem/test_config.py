@@ -1,0 +1,61 @@
+"""The job configuration: YAML plus overrides, strictly checked."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from asystem.config import ConfigError, load_config, to_dict
+from asystem.train_config import TrainConfig
+
+
+def test_defaults_are_the_main_job():
+    config = load_config(TrainConfig)
+    assert config.model.path == "smollm2"
+    assert config.scheduler.kind == "c3po"
+    assert config.task.source["name"] == "basic_arithmetic"
+
+
+def test_yaml_and_overrides_compose(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("rollout:\n  workers: 2\n  group_size: 4\nrun:\n  steps: 5\n")
+    config = load_config(TrainConfig, path, ["run.steps=7", "trainer.lr=1e-5", "run.minutes=null",
+                                             "scheduler.token_budget=512"])
+    assert config.rollout.workers == 2 and config.rollout.group_size == 4
+    assert config.run.steps == 7 and config.run.minutes is None
+    assert config.trainer["lr"] == 1e-5
+    assert config.scheduler.token_budget == 512
+    assert isinstance(config.run.minutes, type(None))
+
+
+def test_int_where_float_is_expected_is_accepted():
+    config = load_config(TrainConfig, None, ["rollout.temperature=1"])
+    assert config.rollout.temperature == 1.0 and isinstance(config.rollout.temperature, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.wrokers=2", "rollout: unknown key(s) ['wrokers']"),
+    ("rollout.workers=two", "rollout.workers: expected int, got str 'two'"),
+    ("rollout.workers=true", "rollout.workers: expected int, got bool"),
+    ("run=3", "run: expected a mapping"),
+    ("noequals", "expected key=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TrainConfig, None, [override])
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top"):
+        load_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(TrainConfig, tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_plain_data():
+    config = load_config(TrainConfig, None, ["rollout.workers=3"])
+    from asystem.config import from_dict
+    assert from_dict(TrainConfig, to_dict(config)) == config
