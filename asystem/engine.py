@@ -26,12 +26,21 @@ Semantics every backend keeps (tests/asystem/test_engine_contract.py checks them
   boundary and returns them as partial `GenerationRequest`s (prompt + every token
   generated so far, with their logprobs and versions), ready to pass to `generate` again.
   Requests that already finished or are unknown are skipped.
+- `pause()` stops decoding at the next token boundary and returns once it has stopped;
+  running requests stay where they are ("keep": their streams just wait) and new ones
+  queue. `resume()` goes on. Both are idempotent.
 - `update_weights(version, named_tensors)` replaces the weights with checkpoint-named
-  tensors (transformers names) and sets the version; the tokens sampled afterwards carry
-  it. It is all or nothing: on failure the engine keeps serving its previous version.
+  tensors (transformers names; any subset of the model's) and sets the version; the tokens
+  sampled afterwards carry it. It may land while requests are running (between two decode
+  steps): they continue under the new weights. It is all or nothing: on failure
+  (`EngineError`: unknown name, wrong shape, or a version older than the current one) the
+  engine keeps serving its previous version.
 - `join_weight_group(spec, rank)` / `receive_weights(plan, timeout)`: the same update,
   received from the trainer's broadcast group (asystem/weights.py) inside the process
   that holds the weights.
+- A request the engine cannot serve (a duplicate running id, token ids outside the
+  vocabulary, longer than the model's context) or that fails while decoding ends its stream
+  with `EngineError`; the engine goes on serving the others.
 - `stats()` reports tokens/s, running and queued requests and the current version;
   `health()` raises if the engine cannot serve.
 - Sampling with the same `seed` and the same weights gives the same tokens; greedy is
@@ -115,7 +124,8 @@ class TokenChunk:
     tokens: list[int]
     logprobs: list[float]
     version: int
-    finish_reason: str | None = None  # "eos" | "length" | None (still running or interrupted)
+    finish_reason: str | None = None  # "eos" | "length" | None (still running or interrupted);
+    # the RolloutWorker adds "aborted" for a request its engine failed
     interrupted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +159,8 @@ class RolloutEngine(Protocol):
     async def close(self) -> None: ...
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]: ...
     async def interrupt(self, request_ids: Iterable[str] | None = None) -> list[GenerationRequest]: ...
+    async def pause(self) -> None: ...
+    async def resume(self) -> None: ...
     async def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
     async def join_weight_group(self, spec: Any, rank: int) -> None: ...
     async def receive_weights(self, plan: Any, timeout: float) -> None: ...
