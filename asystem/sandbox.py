@@ -263,26 +263,13 @@ class _Zygote:
     async def execute(self, source: bytes, stdin: bytes, limits: Limits) -> ExecutionResult:
         sb = self.sandbox
         frame = zygote.encode_frame({"limits": limits.to_dict()}, source, stdin)
-        for attempt in (1, 2):
-            if not self.alive:
-                await self._restart()
-            try:
-                self.proc.stdin.write(frame)
-                await self.proc.stdin.drain()
-                break
-            except (BrokenPipeError, ConnectionResetError):
-                # Dead while idle: the program never ran, so running it on a fresh zygote
-                # is safe. A second failure is the sandbox's, not the program's.
-                await self.kill()
-                if attempt == 2:
-                    raise SandboxError(f"sandbox zygote {self.index} died twice before "
-                                       "taking a request") from None
         started = time.monotonic()
         deadline = limits.wall_s + ZYGOTE_GRACE_S
         try:
             async with asyncio.timeout(deadline):
+                await self._hand_over(frame)
                 header, (out, err) = await self._read_frame()
-        except (TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             why = (f"no answer within wall_s + {ZYGOTE_GRACE_S}s = {deadline}s"
                    if isinstance(exc, TimeoutError) else f"it died ({exc!r})")
             log.warning("sandbox zygote %d (pid %s): %s; restarting it", self.index,
@@ -302,6 +289,25 @@ class _Zygote:
             stdout_truncated=header.get("stdout_truncated", False),
             stderr_truncated=header.get("stderr_truncated", False),
             left_processes=header["left_processes"], error=header.get("error", ""))
+
+    async def _hand_over(self, frame: bytes) -> None:
+        """Send a request and wait until the zygote has taken it. A zygote that died while
+        idle (so the program never ran) is replaced and the request sent again, once."""
+        for attempt in (1, 2):
+            if not self.alive:
+                await self._restart()
+            try:
+                self.proc.stdin.write(frame)
+                await self.proc.stdin.drain()
+                header, _ = await self._read_frame()
+                if header.get("accepted"):
+                    return
+                raise ValueError(f"unexpected frame {header!r} instead of the acceptance")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                await self.kill()
+                if attempt == 2:
+                    raise SandboxError(f"sandbox zygote {self.index} died twice before "
+                                       "taking a request") from None
 
     async def _restart(self) -> None:
         self.sandbox.counters["zygote_restarts"] += 1

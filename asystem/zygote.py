@@ -27,9 +27,9 @@ directory fail) and, when started as root, by the dedicated uid. Weaker: see doc
 
 Wire format (both directions, never pickle): a frame is a 4-byte big-endian length, a JSON
 header whose "sizes" lists the lengths of the raw byte blobs that follow, then the blobs.
-Requests: header {"limits": {...}}, blobs [source, stdin]. Replies: header with the
-result fields, blobs [stdout, stderr]. The first frame the zygote writes is
-{"ready": true, "isolation": {...}}.
+Requests: header {"limits": {...}}, blobs [source, stdin]. The zygote answers each with
+{"accepted": true} as soon as it has read it, then with the result fields and blobs
+[stdout, stderr]. The first frame the zygote writes is {"ready": true, "isolation": {...}}.
 """
 
 from __future__ import annotations
@@ -122,6 +122,9 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+ACCEPTED = encode_frame({"accepted": True})
 
 
 # -- system calls the os module lacks ---------------------------------------------------------
@@ -736,6 +739,7 @@ def main() -> None:
         if request is None:
             return
         header, blobs = request
+        _write_all(1, ACCEPTED)  # tells the owner that a death from now on is this request's
         seq += 1
         ex = Execution(iso, config["base"], seq, header["limits"], blobs[0], blobs[1])
         _write_all(1, execute(ex, pid_ns))

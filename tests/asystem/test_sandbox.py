@@ -7,6 +7,7 @@ the sandbox (and this process, its owner) serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -43,11 +44,19 @@ def sandbox_processes(sb: Sandbox) -> list[psutil.Process]:
     uids = {z["uid"] for z in sb.zygotes() if z["uid"] is not None}
     found = []
     for z in sb.zygotes():
-        found += psutil.Process(z["pid"]).children(recursive=True)
+        with contextlib.suppress(psutil.NoSuchProcess):  # a zygote killed by the test
+            found += psutil.Process(z["pid"]).children(recursive=True)
     for proc in psutil.process_iter(["uids"]):
         if proc.info["uids"] and proc.info["uids"].real in uids:
             found.append(proc)
-    return [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return [p for p in found if _running(p)]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 async def still_serving(sb: Sandbox) -> None:
