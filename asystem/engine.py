@@ -30,7 +30,8 @@ Semantics every backend keeps (tests/asystem/test_engine_contract.py checks them
   running requests stay where they are ("keep": their streams just wait) and new ones
   queue. `resume()` goes on. Both are idempotent.
 - `update_weights(version, named_tensors)` replaces the weights with checkpoint-named
-  tensors (transformers names; any subset of the model's) and sets the version; the tokens
+  tensors (transformers names; any subset of the model's; any floating dtype, converted to
+  the engine's) and sets the version; the tokens
   sampled afterwards carry it. It may land while requests are running (between two decode
   steps): they continue under the new weights. It is all or nothing: on failure
   (`EngineError`: unknown name, wrong shape, or a version older than the current one) the

@@ -129,6 +129,7 @@ class TorchEngine:
             await asyncio.gather(task, return_exceptions=True)
         self._fail_all(EngineError("TorchEngine closed"))
         self._dead = self._dead or EngineError("TorchEngine closed")
+        self._leave_weight_group()
         self._model = None
         self._batch = _Batch()
 
@@ -252,7 +253,13 @@ class TorchEngine:
         from .weights import WeightGroup, WeightSyncSpec
 
         spec = WeightSyncSpec.from_dict(spec) if isinstance(spec, dict) else spec
+        self._leave_weight_group()  # a new group replaces a broken or finished one
         self._group = await asyncio.to_thread(WeightGroup.join, spec, rank, self.device)
+
+    def _leave_weight_group(self) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            group.close()
 
     async def receive_weights(self, plan: Any, timeout: float) -> None:
         """Receive one broadcast (all buckets of `plan`) within `timeout` seconds, then apply
