@@ -319,40 +319,43 @@ class _Supervisor:
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         self.st_r, st_w = os.pipe()
+        self.pidfd = -1
+        child_ends = [in_r, out_w, err_w, st_w]
         self.data = {self.out_r: bytearray(), self.err_r: bytearray()}
         self.truncated = {self.out_r: False, self.err_r: False}
-        nproc_base = 0 if ex.uid is not None else _count_user_processes(os.getuid())
-        cpu_before = _children_cpu()
-        if ex.namespaces:
-            _check(_libc.setns(self.pid_ns, CLONE_NEWPID), "setns(own pid namespace)")
-            _unshare(CLONE_NEWPID)  # the next child is pid 1 of a new namespace
-        started = time.monotonic()
-        zygote = os.getpid()
-        self.child = os.fork()
-        if self.child == 0:
-            try:
-                devnull = os.open("/dev/null", os.O_RDWR)
-                os.dup2(devnull, 0)  # let go of the zygote's control pipes
-                os.dup2(devnull, 1)
-                for fd in (devnull, self.in_w, self.out_r, self.err_r, self.st_r):
-                    os.close(fd)
-                if ex.namespaces:
-                    _init(ex, (in_r, out_w, err_w), st_w)
-                else:
-                    os.setsid()
-                    os.close(st_w)
-                    _program(ex, (in_r, out_w, err_w), zygote, nproc_base)
-            finally:
-                os._exit(70)
-        for fd in (in_r, out_w, err_w, st_w):
-            os.close(fd)
-        self.pidfd = os.pidfd_open(self.child)
         try:
+            nproc_base = 0 if ex.uid is not None else _count_user_processes(os.getuid())
+            cpu_before = _children_cpu()
+            if ex.namespaces:
+                _check(_libc.setns(self.pid_ns, CLONE_NEWPID), "setns(own pid namespace)")
+                _unshare(CLONE_NEWPID)  # the next child is pid 1 of a new namespace
+            started = time.monotonic()
+            zygote = os.getpid()
+            self.child = os.fork()
+            if self.child == 0:
+                try:
+                    devnull = os.open("/dev/null", os.O_RDWR)
+                    os.dup2(devnull, 0)  # let go of the zygote's control pipes
+                    os.dup2(devnull, 1)
+                    for fd in (devnull, self.in_w, self.out_r, self.err_r, self.st_r):
+                        os.close(fd)
+                    if ex.namespaces:
+                        _init(ex, (in_r, out_w, err_w), st_w)
+                    else:
+                        os.setsid()
+                        os.close(st_w)
+                        _program(ex, (in_r, out_w, err_w), zygote, nproc_base)
+                finally:
+                    os._exit(70)
+            for fd in child_ends:
+                os.close(fd)
+            child_ends = []
+            self.pidfd = os.pidfd_open(self.child)
             self._pump(started + ex.limits["wall_s"])
             if self.status is None:
                 self._reap()
         finally:
-            for fd in (self.pidfd, self.out_r, self.err_r, self.st_r, self.in_w):
+            for fd in (*child_ends, self.pidfd, self.out_r, self.err_r, self.st_r, self.in_w):
                 _close_quietly(fd)
         header = {**self.status, "wall_s": time.monotonic() - started,
                   "timed_out": self.timed_out or self.status["signal"] == signal.SIGXCPU,
@@ -367,6 +370,7 @@ class _Supervisor:
         return bytes(self.data[self.out_r]), bytes(self.data[self.err_r])
 
     def _pump(self, deadline: float) -> None:
+        """Until the child has ended and both pipes are at EOF, or the deadline."""
         poll = select.poll()
         for fd in (self.out_r, self.err_r, self.pidfd):
             poll.register(fd, select.POLLIN)
@@ -375,8 +379,9 @@ class _Supervisor:
             poll.register(self.in_w, select.POLLOUT)
         else:
             os.close(self.in_w)
+            self.in_w = -1
         open_fds = {self.out_r, self.err_r}
-        while open_fds:
+        while open_fds or self.status is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 if self.status is None:

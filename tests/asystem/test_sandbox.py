@@ -21,7 +21,9 @@ from asystem.sandbox import Limits, Sandbox, SandboxError
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SECRET_ENV = "ASYSTEM_TEST_SANDBOX_SECRET"
-FAST = Limits(wall_s=1.0, cpu_s=1.0, processes=16, output_bytes=64 * 1024)
+# Generous enough for a loaded 2-core machine; tests of the wall time itself use less.
+FAST = Limits(wall_s=3.0, cpu_s=2.0, processes=16, output_bytes=64 * 1024)
+SHORT = Limits(wall_s=0.5, cpu_s=2.0, processes=16, output_bytes=64 * 1024)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["namespaces", "basic"])
@@ -95,10 +97,16 @@ async def test_clean_environment_and_private_directory(sandbox):
 
 
 async def test_infinite_loop_is_killed_at_the_wall_time(sandbox):
-    result = await sandbox.run("import time\nwhile True:\n    time.sleep(0.01)")
+    result = await sandbox.run("import time\nwhile True:\n    time.sleep(0.01)", limits=SHORT)
     assert (result.reason, result.timed_out, result.ok) == ("timeout", True, False)
-    assert 1.0 <= result.wall_s < 5.0
+    assert 0.5 <= result.wall_s < 5.0
     await still_serving(sandbox)
+
+
+async def test_closing_its_output_does_not_escape_the_wall_time(sandbox):
+    result = await sandbox.run("import os, time\nprint('bye', flush=True)\nos.close(1)\nos.close(2)\n"
+                               "time.sleep(60)", limits=SHORT)
+    assert (result.reason, result.stdout) == ("timeout", "bye\n")
 
 
 async def test_busy_loop_hits_the_cpu_limit(sandbox):
@@ -110,7 +118,7 @@ async def test_busy_loop_hits_the_cpu_limit(sandbox):
 
 async def test_fork_bomb_is_contained(sandbox):
     bomb = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
-    result = await sandbox.run(bomb)
+    result = await sandbox.run(bomb, limits=Limits(wall_s=1.0, cpu_s=1.0, processes=16))
     assert not result.ok and result.timed_out
     await still_serving(sandbox)
 
@@ -179,9 +187,10 @@ async def test_killing_its_parent_and_others_fails(sandbox):
     program = ("import os, signal, time\n"
                f"for pid in [os.getppid(), 1, -1, *{targets}]:  # -1: all it may signal\n"
                "    try:\n        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n"
+               "print('survived', flush=True)\n"
                "time.sleep(60)  # now unsupervised, it hopes\n")
-    result = await sandbox.run(program)
-    assert result.reason == "timeout"
+    result = await sandbox.run(program, limits=Limits(wall_s=1.0))
+    assert (result.reason, result.stdout) == ("timeout", "survived\n")
     assert [z["pid"] for z in sandbox.zygotes()] == zygotes and sandbox.stats().get("zygote_restarts", 0) == 0
     await still_serving(sandbox)
 
@@ -220,7 +229,6 @@ async def test_a_killed_zygote_is_replaced(sandbox):
     assert result.reason == "sandbox_error" and "died" in result.error
     await still_serving(sandbox)
     assert sandbox.stats()["zygote_restarts"] > before
-    assert not set(busy) & {z["pid"] for z in sandbox.zygotes()}
 
 
 async def test_isolation_is_reported(sandbox):
