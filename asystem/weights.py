@@ -53,6 +53,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any, Self
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import ProcessGroupGloo
@@ -62,6 +63,12 @@ log = logging.getLogger(__name__)
 ALIGN = 64  # byte alignment of every tensor in a bucket: dtype views need it, caches like it
 MAX_TENSORS = 1 << 20  # a plan from the network never makes a receiver loop or allocate without bound
 MAX_NDIM = 64
+# Bucket size by device type (benchmarks/broadcast.py). On CPU, 1 MiB: every tensor of a
+# MiB or more goes from its own memory, without a copy, and the rest is packed; bigger
+# buckets pack more (a memcpy competing for the cores the transfer needs), smaller ones pay
+# more per-collective overhead. On CUDA packing is a device copy and each collective has a
+# launch cost, so buckets are large (not measured here: no GPU on the build machines).
+DEFAULT_BUCKET_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
 # Added to the time left when a collective is posted. Gloo gives up at the deadline itself,
 # so a failed group closes promptly. NCCL's watchdog tears the whole process down when an
 # operation times out: it must never fire before our own wait does and aborts the group.
@@ -211,14 +218,17 @@ class BucketPlan:
 
     @classmethod
     def build(cls, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
-              bucket_bytes: int = 16 << 20) -> BucketPlan:
+              bucket_bytes: int | None = None) -> BucketPlan:
         """Pack the tensors in the given order into buckets of at most `bucket_bytes`; a
         tensor larger than that gets a bucket of its own (and is sent from its own memory when
-        it is contiguous on the group's device)."""
-        _check(_is_int(bucket_bytes) and bucket_bytes >= 1, "bucket_bytes", bucket_bytes, "an int >= 1")
+        it is contiguous on the group's device). None: `DEFAULT_BUCKET_BYTES` for the device
+        of the first tensor."""
         buckets: list[list[TensorMeta]] = []
         end = 0
         for name, tensor in named_tensors:
+            if bucket_bytes is None:
+                bucket_bytes = DEFAULT_BUCKET_BYTES.get(tensor.device.type, DEFAULT_BUCKET_BYTES["cpu"])
+            _check(_is_int(bucket_bytes) and bucket_bytes >= 1, "bucket_bytes", bucket_bytes, "an int >= 1")
             dtype = str(tensor.dtype).removeprefix("torch.")
             _check(dtype in DTYPES, f"tensor {name!r} dtype", dtype, f"one of {sorted(DTYPES)}")
             nbytes = tensor.numel() * tensor.element_size()
@@ -283,7 +293,7 @@ class BucketPlan:
         """Copy bucket `index`'s tensors into `out` (a uint8 buffer at least that long);
         return the bucket's slice of it."""
         for meta in self.buckets[index]:
-            _view(out, meta).copy_(tensors[meta.name])
+            _copy(_view(out, meta), tensors[meta.name])
         return out[: self.bucket_nbytes(index)]
 
     def unpack(self, index: int, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -307,6 +317,25 @@ class BucketPlan:
 
 def _view(buffer: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
     return buffer[meta.offset : meta.end].view(meta.torch_dtype).view(meta.shape)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src. Between host tensors, one plain memcpy per tensor through numpy: torch's
+    CPU copy fans each tensor out to every intra-op thread, which on a busy host spin and
+    wait for each other (measured: 5-40x slower packing on the 2-core build machine)."""
+    if dst.device.type != "cpu" or src.device.type != "cpu":
+        dst.copy_(src)
+        return
+    np.copyto(_host_bits(dst), _host_bits(src.detach().resolve_conj().resolve_neg()))
+
+
+def _host_bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of t's elements (numpy has no bfloat16 or float8: same-size ints)."""
+    size = t.element_size()
+    return (t.view(_SAME_SIZE_INT[size]) if size in _SAME_SIZE_INT else t).numpy()
 
 
 @dataclass(frozen=True)
@@ -340,6 +369,9 @@ class WeightGroup:
         self.broken: str | None = None  # why, once an update failed mid-way
         self._store, self._backend = store, backend
         self._pending: dict[str, Any] = {}  # step -> the backend's Work, while in flight
+        # An engine's last update's buckets, kept here (not in a WeightReceiver, which callers
+        # may make per update) so that the next update can reuse them once released.
+        self._bucket_buffers: list[torch.Tensor] = []
 
     @classmethod
     def join(cls, spec: WeightSyncSpec, rank: int, device: torch.device | None = None) -> WeightGroup:
@@ -376,6 +408,7 @@ class WeightGroup:
         else:
             self._backend.shutdown()
         self._backend = self._store = None
+        self._bucket_buffers = []
 
     def __enter__(self) -> Self:
         return self
@@ -541,16 +574,19 @@ class WeightReceiver:
         `self.device`, only once every bucket arrived on every rank. Otherwise raise
         WeightSyncError and return nothing: the caller keeps its old weights.
 
-        The tensors are views into buffers allocated for this update; they stay valid as long
-        as the caller holds them. `on_bucket(index, named)`, if given, sees each bucket as soon
+        The tensors are views into bucket buffers and stay valid as long as the caller holds
+        any of them. The next update reuses a bucket buffer only if nothing references it any
+        more (the caller loaded the tensors and dropped them), else it allocates a new one: no
+        update ever writes into tensors a caller still holds, and one that loads and drops pays
+        no fresh allocation (first-touch page faults can cost more than the transfer).
+        `on_bucket(index, named)`, if given, sees each bucket as soon
         as it arrived, in order, while the next ones are in flight: it may stage or check them,
         not apply them, since the update as a whole may still fail. If it raises, the update
         fails on this rank (and the others' at the ack).
         """
         update = _Update(plan.version, timeout)
         self.group._agree(plan, True, update)
-        buffers = [torch.empty(plan.bucket_nbytes(i), dtype=torch.uint8, device=self.group.device)
-                   for i in range(len(plan.buckets))]
+        buffers = self.group._bucket_buffers = self._reuse_or_allocate(plan)
         named: list[tuple[str, torch.Tensor]] = []
         in_flight: deque[int] = deque()
 
@@ -575,6 +611,27 @@ class WeightReceiver:
         if self.device != self.group.device:
             named = [(name, t.to(self.device)) for name, t in named]
         return named
+
+
+    def _reuse_or_allocate(self, plan: BucketPlan) -> list[torch.Tensor]:
+        old = self.group._bucket_buffers
+        return [old[i] if i < len(old) and old[i].numel() == plan.bucket_nbytes(i) and _released(old[i])
+                else torch.empty(plan.bucket_nbytes(i), dtype=torch.uint8, device=self.group.device)
+                for i in range(len(plan.buckets))]
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    # How many tensors (and in-flight operations) share t's memory. A private counter, the
+    # one torch's own cudagraph trees use to see whether outputs are still alive.
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_ONE_OWNER = _storage_refs(torch.empty(1))
+
+
+def _released(buffer: torch.Tensor) -> bool:
+    """Nothing but `buffer` itself holds its memory: no tensor handed out, no pending work."""
+    return _storage_refs(buffer) == _ONE_OWNER
 
 
 def _default_device(backend: str) -> torch.device:

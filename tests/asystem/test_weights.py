@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from asystem.weights import (
     ALIGN,
     BucketPlan,
     WeightGroup,
+    WeightReceiver,
     WeightSender,
     WeightStaging,
     WeightSyncError,
@@ -233,6 +235,35 @@ def test_the_weight_group_is_independent_of_the_default_group(engines):
         peer.call("default_all_reduce", value=value)
     assert [p.ok()["sum"] for p in peers] == [3, 3]
     assert not torch.distributed.is_initialized()  # this process never had a default group
+
+
+def test_an_engine_that_keeps_its_tensors_never_sees_them_overwritten():
+    # Both ranks in this process (two threads): this is about the receiver's buffers.
+    spec_ = spec(2)
+    with ThreadPoolExecutor(1) as trainer:
+        joined = trainer.submit(WeightGroup.join, spec_, 0)
+        engine_group = WeightGroup.join(spec_, 1)
+        trainer_group = joined.result(timeout=30)
+
+        def update(version: int, state):
+            plan = BucketPlan.build(version, state, bucket_bytes=1 << 16)
+            sent = trainer.submit(WeightSender(trainer_group).send, plan, state, 20)
+            named = WeightReceiver(engine_group).receive(plan, 20)
+            sent.result(timeout=30)
+            return named
+
+        state1, state2, state3 = (synthetic_state(seed, tensors=8, numel=1 << 14) for seed in (1, 2, 3))
+        kept = update(1, state1)
+        second = update(2, state2)
+        assert digests(kept) == digests(state1)  # still version 1: v2 went to new memory
+        assert digests(second) == digests(state2)
+        second_memory = {t.untyped_storage().data_ptr() for _, t in second}
+        del kept, second  # loaded and dropped: the next update reuses that memory
+        third = update(3, state3)
+        assert digests(third) == digests(state3)
+        assert {t.untyped_storage().data_ptr() for _, t in third} == second_memory
+        trainer_group.close()
+        engine_group.close()
 
 
 @pytest.mark.parametrize("peers", [2], indirect=True)
