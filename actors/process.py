@@ -136,7 +136,7 @@ async def spawn_process(system, path: str, args: list, kwargs: dict, actor_id: s
     token = uuid.uuid4().hex
     started = loop.create_future()
     system._launches[token] = ({"cls": path, "args": args, "kwargs": kwargs,
-                                "actor_id": actor_id, "name": name,
+                                "actor_id": actor_id, "name": name, "timeout": timeout,
                                 "head": system.head or system.address}, started)
     env = {**os.environ, "ASYSTEM_SECRET": system.secret.hex(),
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -249,7 +249,9 @@ async def _child_main(args) -> int:
     system.head = spec["head"]
     try:
         cls = import_class(spec["cls"])
-        await system.spawn(cls, *spec["args"], actor_id=spec["actor_id"], **spec["kwargs"])
+        # on_start gets the spawn's whole deadline (an engine may take minutes to load).
+        await system.spawn(cls, *spec["args"], actor_id=spec["actor_id"], timeout=spec["timeout"],
+                           **spec["kwargs"])
     except Exception as exc:
         await parent.ask("process_started", args.token, system.address,
                          f"{type(exc).__name__}: {exc}", timeout=30)

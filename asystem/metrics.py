@@ -23,7 +23,7 @@ HEADLINE = [
     ("reward/mean", "reward", "{:.3f}"),
     ("eval/accuracy", "held-out acc", "{:.3f}"),
     ("rollout/tokens_per_s", "tokens/s", "{:.0f}"),
-    ("icepop/masked_fraction", "masked", "{:.4f}"),
+    ("train/masked_frac", "masked", "{:.4f}"),
     ("staleness/mean", "staleness", "{:.2f}"),
     ("time/step", "step s", "{:.1f}"),
     ("time/generation", "gen s", "{:.1f}"),
@@ -36,20 +36,23 @@ HEADLINE = [
 PLOTS = [
     ("reward/mean", "mean sampled reward"),
     ("eval/accuracy", "held-out greedy accuracy"),
-    ("icepop/masked_fraction", "IcePop masked fraction"),
-    ("icepop/mismatch_mean", "mean |log p_train - log p_infer|"),
+    ("train/masked_frac", "IcePop masked fraction"),
+    ("train/mismatch_abs_mean", "mean |log p_train - log p_infer|"),
     ("train/grad_norm", "gradient norm"),
     ("time/step", "seconds per step"),
 ]
 
 
 class MetricsLog:
-    """Per-step metrics to `<out>/metrics.jsonl` and TensorBoard (`<out>/tensorboard`)."""
+    """Per-step metrics to `<out>/metrics.jsonl` and TensorBoard (`<out>/tensorboard`), and
+    what each step trained on (trajectory and prompt ids) to `<out>/batches.jsonl`."""
 
     def __init__(self, out: Path, tensorboard: bool = True) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
+        self.batches_path = out / "batches.jsonl"
         self._file = open(self.path, "a")
+        self._batches = open(self.batches_path, "a")
         self._tb = None
         if tensorboard:
             try:
@@ -59,10 +62,13 @@ class MetricsLog:
             except ImportError as exc:  # tensorboard is a dependency; say so if it is missing
                 log.warning("TensorBoard disabled (%s); metrics still go to %s", exc, self.path)
 
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
+    def write(self, step: int, metrics: dict[str, Any], batch: list | None = None) -> None:
         record = {"step": step, "time": time.time(), **metrics}
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
+        if batch is not None:
+            self._batches.write(json.dumps({"step": step, "trajectories": batch}) + "\n")
+            self._batches.flush()
         if self._tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -71,8 +77,20 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+        self._batches.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_after(out: Path, step: int) -> None:
+    """Forget the steps after `step` (a resumed run redoes them): rewrite both JSONL files."""
+    for name in ("metrics.jsonl", "batches.jsonl"):
+        path = Path(out) / name
+        if path.exists():
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
+            tmp.replace(path)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
