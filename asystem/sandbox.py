@@ -323,10 +323,12 @@ class _Zygote:
         return header, [await reader.readexactly(n) for n in sizes]
 
     async def kill(self) -> None:
-        """SIGKILL: its executions die with it (each holds a parent-death signal)."""
+        """SIGKILL to the zygote's process group (it leads its own session): the zygote
+        and an execution's pid-namespace init go at once, which kills the namespace; the
+        program itself holds a parent-death signal."""
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc is not None:
             await self.proc.wait()
 

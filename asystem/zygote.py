@@ -6,17 +6,18 @@ common modules and then serves requests on stdin/stdout, one at a time. Each exe
 fresh fork, so start-up costs a few forks instead of a Python start (the report's ~100 ms
 figure is the target).
 
-Process tree of one execution, "namespaces" mode (needs root: CAP_SYS_ADMIN, CAP_SETUID):
+Processes of one execution, "namespaces" mode (needs root: CAP_SYS_ADMIN, CAP_SETUID):
 
-    zygote   own mount + network namespace, set up once: no network interface at all; a
-     |       private tmpfs root with read-only /usr and Python install, and /work. Per
-     |       execution it makes a new pid namespace for its next child, feeds stdin,
-     |       collects stdout/stderr up to the cap, and kills the child at the wall time
-    init     pid 1 of that pid namespace, root, chroot'ed: waits for the program, reports
-     |       its status and whether it left processes running, then exits: the kernel
-     |       kills every process left in a pid namespace whose init exits
-    program  pid 2: a dedicated uid (1000000 + zygote pid), rlimits, clean environment,
-             a fresh work directory; runs the source with exec() in the forked interpreter
+- zygote: own mount + network namespace, set up once: no network interface at all; a
+  private tmpfs root with read-only /usr and Python install, and /work. Per execution it
+  makes a new pid namespace, feeds stdin, collects stdout/stderr up to the cap, kills at
+  the wall time, reaps, reports.
+- init, pid 1 of the new pid namespace: `sleep`, spawned by the zygote as root. The
+  program cannot signal it; it takes the program's orphans; when the zygote kills it, the
+  kernel kills every process left in the namespace.
+- program, pid 2 of that namespace, forked from the zygote: chroot, a dedicated uid
+  (1000000 + zygote pid), rlimits, clean environment, a fresh work directory; it runs the
+  source with exec() in the forked interpreter.
 
 "basic" mode (no namespaces: an unprivileged user, or a container without CAP_SYS_ADMIN):
 the zygote is a child subreaper and the program leads its own session, so the zygote
@@ -38,6 +39,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -194,6 +196,9 @@ def _probe_pid_namespace() -> None:
 def _setup_namespaces(config: dict, uid: int | None) -> dict:
     if uid is None:
         raise OSError(1, "namespaces mode needs root (to drop to a dedicated uid afterwards)")
+    init = shutil.which("sleep", path="/usr/bin:/bin")
+    if init is None:
+        raise OSError(2, "no sleep binary for the pid namespaces' init")
     _probe_pid_namespace()
     _unshare(CLONE_NEWNS | CLONE_NEWNET)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
@@ -211,7 +216,7 @@ def _setup_namespaces(config: dict, uid: int | None) -> dict:
     os.makedirs(root + "/work", mode=0o711)
     os.chmod(root + "/work", 0o711)
     return {
-        "mode": "namespaces", "uid": uid, "root": root,
+        "mode": "namespaces", "uid": uid, "root": root, "init": init,
         "network": "own network namespace without interfaces",
         "filesystem": "chroot into a private tmpfs; /usr and the Python install read-only; "
                       f"writable only the execution's directory ({config['disk_mb']} MiB in all)",
@@ -312,39 +317,30 @@ class _Supervisor:
         self.stdin = memoryview(ex.stdin)
         self.timed_out = self.killed_for_output = False
         self.status: dict | None = None
+        self.child = self.init = self.pidfd = -1
 
     def run(self) -> dict:
         ex = self.ex
         in_r, self.in_w = os.pipe()
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
-        self.st_r, st_w = os.pipe()
-        self.pidfd = -1
-        child_ends = [in_r, out_w, err_w, st_w]
+        child_ends = [in_r, out_w, err_w]
         self.data = {self.out_r: bytearray(), self.err_r: bytearray()}
         self.truncated = {self.out_r: False, self.err_r: False}
         try:
             nproc_base = 0 if ex.uid is not None else _count_user_processes(os.getuid())
             cpu_before = _children_cpu()
-            if ex.namespaces:
-                _check(_libc.setns(self.pid_ns, CLONE_NEWPID), "setns(own pid namespace)")
-                _unshare(CLONE_NEWPID)  # the next child is pid 1 of a new namespace
             started = time.monotonic()
+            if ex.namespaces:
+                self.init = self._start_namespace()
             zygote = os.getpid()
             self.child = os.fork()
             if self.child == 0:
                 try:
-                    devnull = os.open("/dev/null", os.O_RDWR)
-                    os.dup2(devnull, 0)  # let go of the zygote's control pipes
-                    os.dup2(devnull, 1)
-                    for fd in (devnull, self.in_w, self.out_r, self.err_r, self.st_r):
+                    for fd in (self.in_w, self.out_r, self.err_r):
                         os.close(fd)
-                    if ex.namespaces:
-                        _init(ex, (in_r, out_w, err_w), st_w)
-                    else:
-                        os.setsid()
-                        os.close(st_w)
-                        _program(ex, (in_r, out_w, err_w), zygote, nproc_base)
+                    # In its pid namespace the program's parent (this zygote) shows as 0.
+                    _program(ex, (in_r, out_w, err_w), 0 if ex.namespaces else zygote, nproc_base)
                 finally:
                     os._exit(70)
             for fd in child_ends:
@@ -355,16 +351,42 @@ class _Supervisor:
             if self.status is None:
                 self._reap()
         finally:
-            for fd in (*child_ends, self.pidfd, self.out_r, self.err_r, self.st_r, self.in_w):
+            for fd in (*child_ends, self.pidfd, self.out_r, self.err_r, self.in_w):
                 _close_quietly(fd)
+            self._end_namespace()
         header = {**self.status, "wall_s": time.monotonic() - started,
+                  "cpu_s": _children_cpu() - cpu_before,
                   "timed_out": self.timed_out or self.status["signal"] == signal.SIGXCPU,
                   "stdout_truncated": self.truncated[self.out_r],
                   "stderr_truncated": self.truncated[self.err_r]}
-        if not ex.namespaces:
-            header["cpu_s"] = _children_cpu() - cpu_before
         header["reason"] = self._reason(header)
         return header
+
+    def _start_namespace(self) -> int:
+        """A new pid namespace for the next child, with `sleep` as its init (pid 1): a
+        process the program cannot signal, which takes its orphans, and whose end makes the
+        kernel kill everything in the namespace. Spawned, not forked: it costs no copy of
+        this interpreter, and it ends by itself a while after the wall time even if this
+        zygote is killed first."""
+        _check(_libc.setns(self.pid_ns, CLONE_NEWPID), "setns(own pid namespace)")
+        _unshare(CLONE_NEWPID)
+        lifetime = str(math.ceil(self.ex.limits["wall_s"]) + 10)
+        return os.posix_spawn(self.ex.iso["init"], ["sleep", lifetime], {}, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),  # not the control pipes
+            (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
+
+    def _end_namespace(self) -> None:
+        """Kill the namespace's init: the kernel then kills the rest. Its exit waits until
+        the program is reaped, so that comes first."""
+        if self.init < 0:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.init, signal.SIGKILL)
+        if self.status is None and self.child > 0:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.child, 0)
+        os.waitpid(self.init, 0)
+        self.init = -1
 
     def output(self) -> tuple[bytes, bytes]:
         return bytes(self.data[self.out_r]), bytes(self.data[self.err_r])
@@ -429,28 +451,22 @@ class _Supervisor:
     def _kill(self) -> None:
         try:
             if self.ex.namespaces:
-                os.kill(self.child, signal.SIGKILL)  # init: the whole pid namespace goes
+                os.kill(self.init, signal.SIGKILL)  # the whole pid namespace goes
             else:
                 os.killpg(self.child, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
     def _reap(self) -> None:
-        """The child has ended or been killed: wait for it, and for what it left."""
+        """The program has ended or been killed: wait for it, and find what it left."""
         _, status = os.waitpid(self.child, 0)
-        if self.ex.namespaces:  # init wrote its report unless it was killed
-            with os.fdopen(os.dup(self.st_r), "rb") as f:
-                raw = f.read()
-            try:
-                self.status = json.loads(raw)
-            except ValueError:
-                self.status = {"exit_code": None, "signal": signal.SIGKILL, "cpu_s": 0.0,
-                               "left_processes": False}
-            return
         code = os.waitstatus_to_exitcode(status)
+        if self.ex.namespaces:  # its orphans are the init's children now
+            left = any(_running(pid) for pid in _children(self.init))
+        else:
+            left = _kill_leftovers(self.child)
         self.status = {"exit_code": code if code >= 0 else None,
-                       "signal": -code if code < 0 else None,
-                       "left_processes": _kill_leftovers(self.child)}
+                       "signal": -code if code < 0 else None, "left_processes": left}
 
     def _reason(self, h: dict) -> str:
         if self.timed_out:
@@ -488,7 +504,7 @@ def _kill_leftovers(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         pass
     while True:
-        kids = _children()
+        kids = _children(os.getpid())
         if not kids:
             return found
         alive = [pid for pid in kids if not _reaped(pid)]
@@ -501,12 +517,24 @@ def _kill_leftovers(pgid: int) -> bool:
         time.sleep(0.001)
 
 
-def _children() -> list[int]:
+def _children(pid: int) -> list[int]:
     kids = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/children") as f:
-            kids.extend(int(p) for p in f.read().split())
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(p) for p in f.read().split())
+    except FileNotFoundError:  # it has ended
+        pass
     return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _reaped(pid: int) -> bool:
@@ -517,49 +545,15 @@ def _reaped(pid: int) -> bool:
     return done != 0
 
 
-def _init(ex: Execution, fds: tuple[int, int, int], st_w: int) -> None:
-    """pid 1 of the execution's pid namespace: root, inside the chroot. Signals from the
-    program cannot reach it (the kernel drops signals to a namespace's init that it does
-    not handle), and its exit kills every process left in the namespace."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.chroot(ex.iso["root"])
-    os.chdir(ex.inner_dir)
-    child = os.fork()
-    if child == 0:
-        try:
-            os.close(st_w)
-            _program(ex, fds, 1, 0)
-        finally:
-            os._exit(70)
-    for fd in fds:
-        os.close(fd)
-    _, status = os.waitpid(child, 0)
-    code = os.waitstatus_to_exitcode(status)
-    left = _orphans_alive()
-    _write_all(st_w, json.dumps({
-        "exit_code": code if code >= 0 else None, "signal": -code if code < 0 else None,
-        "cpu_s": _children_cpu(), "left_processes": left}).encode())
-    os._exit(0)
-
-
-def _orphans_alive() -> bool:
-    """True if a process orphaned into this init is still running (exited ones are reaped)."""
-    while True:
-        try:
-            res = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG)
-        except ChildProcessError:
-            return False
-        if res is None:
-            return True
-
-
 def _program(ex: Execution, fds: tuple[int, int, int], parent: int, nproc_base: int) -> None:
     """Become the untrusted program: drop everything, then exec() the source."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     _close_from(3)
-    if not ex.namespaces:
-        os.chdir(ex.inner_dir)
+    os.setsid()
+    if ex.namespaces:
+        os.chroot(ex.iso["root"])
+    os.chdir(ex.inner_dir)
     if ex.uid is not None:
         os.setgroups([])
         os.setgid(ex.uid)
