@@ -29,8 +29,9 @@ reset: milliseconds) or a hung one (at the deadline) surfaces as `WeightSyncErro
 hang. After such a failure the ranks are out of step: the rank that saw it closes its end at
 once (so that its peers fail at once too rather than at their deadline), the group is *broken*,
 every later update on it raises at once, and each rank must `close()` it (idempotent) and
-`WeightGroup.join` a new group with a fresh spec (a new port from `free_port()`). An engine keeps serving its last complete
-version throughout: `receive` hands out tensors only after step 3.
+`WeightGroup.join` a new group with a fresh spec (a new port from `free_port()`). An engine
+keeps serving its last complete version throughout: `receive` hands out tensors only after
+step 3.
 
 Blocking calls: run them in a thread (`asyncio.to_thread`) from async code. One update at a
 time per group.
@@ -516,15 +517,16 @@ class WeightSender:
         self._staging: list[torch.Tensor] = []  # `depth` pack buffers, reused across updates
 
     def send(self, plan: BucketPlan, named_tensors: Iterable[tuple[str, torch.Tensor]],
-             timeout: float) -> SendStats:
+             timeout: float | None = None) -> SendStats:
         """Broadcast `named_tensors` (matching `plan`) as version `plan.version`; return once
         every engine holds all of it. The tensors must not change until this returns.
 
         Raises ValueError (and every engine a WeightSyncError, the group staying usable) when
         the tensors do not match the plan; WeightSyncError when an engine disagrees on the
-        plan, fails, dies or the `timeout` (seconds, the whole update) passes.
+        plan, fails, dies or the `timeout` (seconds for the whole update, `spec.timeout_s` when
+        None) passes.
         """
-        update = _Update(plan.version, timeout)
+        update = _Update(plan.version, self.group.spec.timeout_s if timeout is None else timeout)
         try:
             tensors, problem = plan.match(named_tensors), None
         except ValueError as e:
@@ -567,7 +569,7 @@ class WeightReceiver:
         self.group, self.depth = group, depth
         self.device = torch.device(device) if device is not None else group.device
 
-    def receive(self, plan: BucketPlan, timeout: float,
+    def receive(self, plan: BucketPlan, timeout: float | None = None,
                 on_bucket: Callable[[int, list[tuple[str, torch.Tensor]]], None] | None = None,
                 ) -> list[tuple[str, torch.Tensor]]:
         """Receive version `plan.version`; return its (name, tensor) pairs in plan order, on
@@ -579,12 +581,14 @@ class WeightReceiver:
         more (the caller loaded the tensors and dropped them), else it allocates a new one: no
         update ever writes into tensors a caller still holds, and one that loads and drops pays
         no fresh allocation (first-touch page faults can cost more than the transfer).
-        `on_bucket(index, named)`, if given, sees each bucket as soon
-        as it arrived, in order, while the next ones are in flight: it may stage or check them,
-        not apply them, since the update as a whole may still fail. If it raises, the update
-        fails on this rank (and the others' at the ack).
+
+        `on_bucket(index, named)`, if given, sees each bucket as soon as it arrived, in order,
+        while the next ones are in flight: it may stage or check them, not apply them, since
+        the update as a whole may still fail. If it raises, the update fails on this rank (and
+        on the others at the ack). `timeout`: seconds for the whole update, `spec.timeout_s`
+        when None.
         """
-        update = _Update(plan.version, timeout)
+        update = _Update(plan.version, self.group.spec.timeout_s if timeout is None else timeout)
         self.group._agree(plan, True, update)
         buffers = self.group._bucket_buffers = self._reuse_or_allocate(plan)
         named: list[tuple[str, torch.Tensor]] = []
@@ -611,7 +615,6 @@ class WeightReceiver:
         if self.device != self.group.device:
             named = [(name, t.to(self.device)) for name, t in named]
         return named
-
 
     def _reuse_or_allocate(self, plan: BucketPlan) -> list[torch.Tensor]:
         old = self.group._bucket_buffers
@@ -659,7 +662,9 @@ async def push_over_actors(ref: Any, plan: BucketPlan, named_tensors: Iterable[t
     plan, buffer)` per bucket, in order (the plan dict with bucket 0, None after it), at most
     `depth` in flight, then `commit_weights(version)`.
 
-    The actor applies nothing before the commit (see `WeightStaging`). Raises ValueError if
+    The actor applies nothing before the commit (see `WeightStaging`). The tensors must not
+    change until this returns; an actor in this same process gets them by reference (asks
+    pass arguments without a copy there) and must copy what it keeps. Raises ValueError if
     the tensors do not match the plan, WeightSyncError (naming the actor, version, bucket and
     deadline) if an ask fails or `timeout` (seconds, the whole update) passes; the commit is
     then not sent and the engine keeps its weights.
@@ -721,6 +726,7 @@ class WeightStaging:
 
     def add(self, version: int, index: int, buffer: torch.Tensor,
             plan: BucketPlan | Mapping[str, Any] | None = None) -> None:
+        _check(_is_int(version) and version >= 0, "weights version", version, "an int >= 0")
         if plan is not None and not isinstance(plan, BucketPlan):
             plan = BucketPlan.from_dict(plan)
         if plan is not None and plan.version != version:
@@ -729,13 +735,17 @@ class WeightStaging:
             raise ValueError(f"weights version {version} is stale: version {self.committed} is committed")
         if self.plan is not None and version < self.plan.version:
             raise ValueError(f"weights version {version} is stale: version {self.plan.version} is staging")
-        if self.plan is None or version > self.plan.version:
-            self._start(version, plan)
-        elif plan is not None and plan.digest != self.plan.digest:
+        newer = self.plan is None or version > self.plan.version
+        if newer and plan is None:
+            raise ValueError(f"the first bucket of weights version {version} must carry its plan")
+        if not newer and plan is not None and plan.digest != self.plan.digest:
             raise ValueError(f"bucket {index} of version {version} comes with a different plan")
-        if not _is_int(index) or not 0 <= index < len(self.plan.buckets):
-            raise ValueError(f"bucket index {index} out of range: version {version} has {len(self.plan.buckets)}")
-        self.plan.unpack(index, buffer)  # checks dtype and size
+        target = plan if newer else self.plan
+        if not _is_int(index) or not 0 <= index < len(target.buckets):
+            raise ValueError(f"bucket index {index} out of range: version {version} has {len(target.buckets)}")
+        target.unpack(index, buffer)  # checks dtype and size
+        if newer:
+            self._start(target)
         self._buffers[index] = buffer
 
     def missing(self) -> list[int]:
@@ -755,13 +765,11 @@ class WeightStaging:
         self.plan, self._buffers, self.committed = None, {}, version
         return named
 
-    def _start(self, version: int, plan: BucketPlan | None) -> None:
-        if plan is None:
-            raise ValueError(f"the first bucket of weights version {version} must carry its plan")
+    def _start(self, plan: BucketPlan) -> None:
         if self.plan is not None:
             self.discarded += 1
             log.warning("weights version %d discarded with buckets %s missing: version %d arrives",
-                        self.plan.version, self.missing(), version)
+                        self.plan.version, self.missing(), plan.version)
         self.plan, self._buffers = plan, {}
 
 

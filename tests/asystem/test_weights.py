@@ -182,6 +182,14 @@ def test_spec_travels_as_a_dict_and_checks_its_fields():
 # --- the group ------------------------------------------------------------------------
 
 
+def test_a_trainer_whose_engines_never_join_gets_an_error_at_the_join_deadline():
+    spec_ = spec(2, timeout_s=2.0)
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match=rf"{spec_.address}: rank 0 of 2 could not join within 2.0s"):
+        WeightGroup.join(spec_, 0)
+    assert time.monotonic() - start < 2.0 + SLACK
+
+
 def test_broadcast_to_two_engines_is_bit_identical_and_versioned(engines):
     group, peers = engines
     for version, scale in [(1, 1.0), (2, -3.0)]:
@@ -409,3 +417,11 @@ def test_staging_rejects_bad_buckets():
         staging.add(1, 0, buffers[0][:10], plan)
     with pytest.raises(ValueError, match="its plan says 1"):
         staging.add(5, 0, buffers[0], plan)
+    with pytest.raises(ValueError, match="weights version must be an int >= 0"):
+        staging.add("1", 0, buffers[0], plan)
+    # A bad bucket of a newer version leaves the staged one alone.
+    staging.add(1, 0, buffers[0], plan)
+    plan2, buffers2, _ = _staged(2)
+    with pytest.raises(ValueError, match="needs a 1-d uint8 buffer"):
+        staging.add(2, 0, buffers2[0].view(torch.int16), plan2)
+    assert (staging.plan, staging.discarded, staging.missing()) == (plan, 0, [1, 2, 3])
