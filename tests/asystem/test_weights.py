@@ -29,7 +29,13 @@ from asystem.weights import (
     free_port,
     push_over_actors,
 )
-from tests.asystem.weights_peers import Peer, WeightHolder, digests, synthetic_state
+from tests.asystem.weights_peers import (
+    Peer,
+    WeightHolder,
+    digests,
+    stop_fork_server,
+    synthetic_state,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,6 +67,12 @@ def join_all(spec_: WeightSyncSpec, peers: list[Peer], first_rank: int = 1) -> W
     for peer in peers:
         peer.ok()
     return group
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fork_server():
+    yield
+    stop_fork_server()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from datetime import timedelta
+from multiprocessing import forkserver, resource_tracker
 
 import torch
 import torch.distributed as dist
@@ -122,6 +123,13 @@ def serve(conn) -> None:
 # (seconds per child on 2 cores).
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload([__name__])
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server and the resource tracker it started: other tests check that no
+    process outlives them. (Private, stable since Python 3.9; CPython's own tests use them.)"""
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
 
 
 class Peer:
