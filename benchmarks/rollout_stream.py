@@ -10,8 +10,11 @@ decode step yields one token per request. The controller can follow them through
 Both are measured in the same run, on the same worker and workload (greedy, so every run
 decodes the same tokens), interleaved and in rotating order, against the ceiling of the
 same engine driven in this process without actors. Reported: the wall time until every
-request has finished, tokens/s delivered to the consumer, stream items received, and the
-ratios. `progress` is what the worker's docstring recommends; this script is why.
+request has finished, tokens/s delivered to the consumer, stream items received, the CPU
+time this process (the consumer, as the controller would be) spent per 1,000 tokens, and
+the ratios. The CPU time is the steadier figure on a loaded machine, and the one that
+bounds how many workers one controller can follow. `progress` is what the worker's
+docstring recommends; this script is why.
 
     .venv/bin/python benchmarks/rollout_stream.py [--requests 64] [--tokens 64] [--reps 3] [--model small-vocab|tiny|smollm2]
 
@@ -119,7 +122,7 @@ async def main(args) -> dict:
     config = WorkerConfig(model=path, dtype=dtype, max_batch=args.requests, backend="torch",
                           engine_options={"device": "cpu"}).to_dict()
     engine = TorchEngine(path, dtype=dtype, device="cpu", max_batch=args.requests)
-    results: dict[str, list[tuple[float, int, int]]] = {"progress": [], "per_request": [], "in_process": []}
+    results: dict[str, list[tuple[float, int, int, float]]] = {"progress": [], "per_request": [], "in_process": []}
     async with ActorSystem(default_timeout=60) as system:
         worker = await system.spawn(RolloutWorker, config, where="process", timeout=180)
         await engine.start()
@@ -132,34 +135,41 @@ async def main(args) -> dict:
         for rep in range(args.reps):
             for name in names[rep % 3:] + names[:rep % 3]:  # rotate who goes first
                 reqs = requests(f"{name}-{rep}", args.requests, args.tokens)
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 items, tokens = await contenders[name](reqs)
-                results[name].append((time.perf_counter() - started, items, tokens))
+                results[name].append((time.perf_counter() - started, items, tokens, time.process_time() - cpu))
         await engine.close()
 
+    def median(name, field):
+        return statistics.median(run[field] for run in results[name])
+
     def median_s(name):
-        return statistics.median(s for s, _, _ in results[name])
+        return median(name, 0)
 
     print(f"{args.requests} requests x {args.tokens} greedy tokens, {args.model} model, "
           f"median of {args.reps} (wall time until all finished)")
-    print(f"{'how':<14}{'seconds':>10}{'tokens/s':>12}{'items':>9}{'tokens/item':>13}")
+    print(f"{'how':<14}{'seconds':>10}{'tokens/s':>12}{'items':>9}{'tokens/item':>13}{'consumer CPU ms/1k tokens':>28}")
     # Greedy decoding of the same prompts: every contender delivers the same tokens (some
     # requests may end early at an end-of-sequence token, the same ones each time).
-    delivered = {t for runs in results.values() for _, _, t in runs}
+    delivered = {run[2] for runs in results.values() for run in runs}
     assert len(delivered) == 1, f"the contenders delivered different token counts: {results}"
     total = delivered.pop()
     figures = {}
     for name in names:
-        seconds, items = median_s(name), statistics.median(i for _, i, _ in results[name])
-        figures[name] = {"seconds": round(seconds, 3), "tokens_per_s": round(total / seconds, 1), "items": items}
-        print(f"{name:<14}{seconds:>10.3f}{total / seconds:>12.0f}{items:>9.0f}{total / items:>13.1f}")
+        seconds, items, cpu_ms = median_s(name), median(name, 1), 1e6 * median(name, 3) / total
+        figures[name] = {"seconds": round(seconds, 3), "tokens_per_s": round(total / seconds, 1), "items": items,
+                         "consumer_cpu_ms_per_1k_tokens": round(cpu_ms, 2)}
+        shown = "(engine here too)" if name == "in_process" else f"{cpu_ms:.1f}"
+        print(f"{name:<14}{seconds:>10.3f}{total / seconds:>12.0f}{items:>9.0f}{total / items:>13.1f}{shown:>28}")
     ratio = median_s("per_request") / median_s("progress")
     ceiling = median_s("in_process") / median_s("progress")
-    print(f"progress is {ratio:.2f}x the speed of per-request streams and reaches {ceiling:.2f}x "
-          f"of the in-process engine")
+    cpu_ratio = median("per_request", 3) / median("progress", 3)
+    print(f"progress: {ratio:.2f}x the speed of per-request streams, {cpu_ratio:.1f}x less consumer CPU, "
+          f"{ceiling:.2f}x the speed of the in-process engine")
     return {"benchmark": "rollout_stream", "model": args.model, "requests": args.requests,
             "tokens": args.tokens, "reps": args.reps, **{f"{k}_{m}": v[m] for k, v in figures.items() for m in v},
-            "progress_vs_per_request": round(ratio, 3), "progress_vs_in_process": round(ceiling, 3)}
+            "progress_vs_per_request": round(ratio, 3), "progress_vs_in_process": round(ceiling, 3),
+            "per_request_vs_progress_consumer_cpu": round(cpu_ratio, 2)}
 
 
 if __name__ == "__main__":
