@@ -689,7 +689,7 @@ def _run_source(ex: Execution) -> None:
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
                       closefd=False, buffering=1)
     sys.argv = [path]
-    sys.path[:0] = [ex.inner_dir]  # (random reseeds itself after a fork)
+    sys.path[:0] = [ex.inner_dir]
     main = types.ModuleType("__main__")
     main.__file__, main.__builtins__ = path, builtins
     sys.modules["__main__"] = main

@@ -293,6 +293,10 @@ class PromptRenderer:
     def prompt(self, item: TaskItem) -> Prompt:
         return Prompt(prompt_id=item.item_id, tokens=self.tokens(item))
 
+    def response_text(self, tokens: Sequence[int]) -> str:
+        """A response's text for the verifiers: special tokens (end of turn) left out."""
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
 
 # -- answer extraction -----------------------------------------------------------------------
 

@@ -154,3 +154,5 @@ def test_prompts_use_the_models_chat_template(tokenizer):
     assert prompt.prompt_id == item.item_id
     assert tokenizer.decode(prompt.tokens) == text
     assert prompt.tokens.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+    reply = tokenizer("The answer is 4.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert custom.response_text(reply) == "The answer is 4."
