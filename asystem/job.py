@@ -195,7 +195,9 @@ async def train(config: TrainConfig) -> dict[str, Any]:
             summary["last_step"] = controller.last_record
             summary["counters"] = {**scheduler.counters(), **controller.counters}
             summary["data_position"] = prompts.position
-            summary["in_flight_prompts"] = sorted({t.prompt_id for t in scheduler.in_flight()})
+            pool = scheduler.state_dict()  # prompts admitted and not trained: live groups, requeued
+            summary["pending_prompts"] = sorted({g["prompt"]["prompt_id"] for g in pool["groups"]}
+                                                | {p["prompt_id"] for p in pool["requeued"]})
     metrics.close()
     records = read_jsonl(metrics.path)
     summary["plot"] = str(plot(records, out / "curves.png", title))
