@@ -125,8 +125,12 @@ def make_scheduler(config: TrainConfig):
     raise ConfigError(f"scheduler.kind: expected 'c3po' or 'sync', got {s.kind!r}")
 
 
-async def train(config: TrainConfig) -> dict[str, Any]:
-    """Run the job; returns the summary also written to `<out>/summary.json`."""
+async def train(config: TrainConfig, on_start=None) -> dict[str, Any]:
+    """Run the job; returns the summary also written to `<out>/summary.json`.
+
+    `on_start(fleet)`, if given, is called once every actor is up (e.g. to watch or
+    probe the workers from an embedding service, or to inject faults in tests).
+    """
     from transformers import AutoTokenizer
 
     out = Path(config.run.out)
@@ -169,6 +173,8 @@ async def train(config: TrainConfig) -> dict[str, Any]:
                                     eval_prompts=[renderer.prompt(i) for i in held_out],
                                     step=state["step"] if state else 0, counters=state["counters"] if state else None)
             controller.start()
+            if on_start is not None:
+                on_start(fleet)
             try:
                 if state is None:
                     note(f"measuring held-out greedy accuracy on {len(held_out)} problems before training...")
