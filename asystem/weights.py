@@ -70,6 +70,10 @@ MAX_NDIM = 64
 # more per-collective overhead. On CUDA packing is a device copy and each collective has a
 # launch cost, so buckets are large (not measured here: no GPU on the build machines).
 DEFAULT_BUCKET_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
+# Buckets in flight per rank. More keep the backend's threads busy instead of waking them
+# per bucket (on CPU with 1 MiB buckets, depth 4 instead of 2 cut an update's CPU time by
+# 10-20%, 8 a little more); each packed bucket in flight holds a staging buffer on the sender.
+DEPTH = 4
 # Added to the time left when a collective is posted. Gloo gives up at the deadline itself,
 # so a failed group closes promptly. NCCL's watchdog tears the whole process down when an
 # operation times out: it must never fire before our own wait does and aborts the group.
@@ -510,7 +514,7 @@ class _Update:
 class WeightSender:
     """Rank 0's end of a group: broadcasts one update at a time."""
 
-    def __init__(self, group: WeightGroup, depth: int = 2):
+    def __init__(self, group: WeightGroup, depth: int = DEPTH):
         _check(group.rank == 0, "WeightSender rank", group.rank, "0 (the trainer)")
         _check(_is_int(depth) and depth >= 1, "depth", depth, "an int >= 1")
         self.group, self.depth = group, depth
@@ -563,7 +567,7 @@ class WeightSender:
 class WeightReceiver:
     """One engine's end of a group."""
 
-    def __init__(self, group: WeightGroup, device: torch.device | None = None, depth: int = 2):
+    def __init__(self, group: WeightGroup, device: torch.device | None = None, depth: int = DEPTH):
         _check(group.rank != 0, "WeightReceiver rank", group.rank, "an engine rank (>= 1)")
         _check(_is_int(depth) and depth >= 1, "depth", depth, "an int >= 1")
         self.group, self.depth = group, depth

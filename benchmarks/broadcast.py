@@ -20,7 +20,7 @@ Every figure is timed on the sender, from a barrier to the return, and is the me
 repetitions. CPU time (both processes, all threads, from `time.process_time`) is reported
 beside it: on a shared, loaded host wall time follows how much CPU a contender needs.
 
-    .venv/bin/python benchmarks/broadcast.py [--repeats 7] [--bucket-kib 1024] [--depth 2] [--sweep]
+    .venv/bin/python benchmarks/broadcast.py [--repeats 11] [--bucket-kib 1024] [--depth 4] [--sweep]
 
 `--sweep` also times ours with other bucket sizes and depths. Prints a table and, as its last
 line, one JSON object: the medians in seconds and `transfer_ratio_vs_raw` = ours / raw (lower
@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 from asystem.models import smollm2
 from asystem.weights import (
     DEFAULT_BUCKET_BYTES,
+    DEPTH,
     BucketPlan,
     WeightGroup,
     WeightReceiver,
@@ -58,7 +59,7 @@ from asystem.weights import (
 
 TARGET = 1.25
 DEADLINE_S = 120.0  # any single step; the run is a few minutes at most
-SWEEP = [(256, 2), (1024, 2), (1024, 4), (4096, 2), (16384, 2), (65536, 2)]  # (KiB, depth)
+SWEEP = [(256, 4), (1024, 2), (1024, 8), (4096, 4), (16384, 4), (65536, 4)]  # (KiB, depth)
 
 
 def label(bucket_kib: int, depth: int) -> str:
@@ -202,10 +203,10 @@ def summarize(config: dict, times: dict[str, list[float]], cpu: dict[str, list[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--bucket-kib", type=int, default=DEFAULT_BUCKET_BYTES["cpu"] >> 10,
                         help="bucket size of the reported figure (default: the library's CPU default)")
-    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=DEPTH)
     parser.add_argument("--sweep", action="store_true", help="also time other bucket sizes and depths")
     result = run(parser.parse_args())
     print(json.dumps(result))
