@@ -36,7 +36,9 @@ Semantics:
 - **Order.** Control calls (pause, resume, cancel, the weight updates) run one at a time in
   arrival order; submit and the streams run alongside them.
 - **Deadlines.** Engine start-up is bounded by `start_timeout_s` (the spawn fails naming the
-  backend, model and deadline); waits for drivers to wind down by `control_timeout_s`.
+  backend, model and deadline); the engine's pause, resume and interrupt, and the wait for
+  interrupted requests to wind down, by `control_timeout_s`; weight updates by their own
+  timeouts (the broadcast's, the caller's ask).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class WorkerConfig:
     start_timeout_s: float = 300.0
     """Deadline for the engine to start (model load, vLLM start-up)."""
     control_timeout_s: float = 30.0
-    """Deadline for interrupted or cancelled requests to wind down inside pause() and cancel()."""
+    """Deadline for the engine's pause, resume and interrupt, and for interrupted or cancelled
+    requests to wind down."""
     progress_idle_s: float = 1.0
     """progress() yields [] after this long without news."""
     engine_options: dict[str, Any] = field(default_factory=dict)
@@ -223,10 +226,10 @@ class RolloutWorker(Actor):
             if self._paused:
                 return {"kept": 0} if self.config.update_mode == "keep" else {"interrupted": 0}
             self._paused = True
-            await self.engine.pause()
+            await self._bounded(self.engine.pause(), "pause")
             if self.config.update_mode == "keep":
                 return {"kept": len(self._drivers)}
-            partials = await self.engine.interrupt()
+            partials = await self._bounded(self.engine.interrupt(), "interrupt")
             await self._wind_down([p.request_id for p in partials])
             self._partials.update((p.request_id, p) for p in partials if p.request_id not in self._cancelled)
             self.counters["interrupted"] += len(partials)
@@ -239,7 +242,7 @@ class RolloutWorker(Actor):
             if not self._paused:
                 return {"resubmitted": 0}
             self._paused = False
-            await self.engine.resume()
+            await self._bounded(self.engine.resume(), "resume")
             partials, self._partials = list(self._partials.values()), {}
             for request in partials:
                 self._start(request)
@@ -382,12 +385,21 @@ class RolloutWorker(Actor):
             self._outbox.pop(rid, None)
         running = [rid for rid in found if rid in self._drivers]
         if running:
-            await self.engine.interrupt(running)
+            await self._bounded(self.engine.interrupt(running), "interrupt")
             await self._wind_down(running)
         for rid in found:
             self._outbox.pop(rid, None)
         self.counters["cancelled"] += len(found)
         return len(found)
+
+    async def _bounded(self, coro, what: str):
+        """An engine control call, within control_timeout_s (a step that hangs must not
+        hang the worker's control path with it)."""
+        try:
+            return await asyncio.wait_for(coro, self.config.control_timeout_s)
+        except TimeoutError:
+            raise EngineError(f"RolloutWorker: the {self.config.backend} engine's {what}() did not "
+                              f"return within {self.config.control_timeout_s:g}s") from None
 
     async def _wind_down(self, ids: list[str]) -> None:
         """Wait for these requests' drivers to read the end of their streams."""
