@@ -200,6 +200,9 @@ class Sandbox:
 
     def _done(self, task: asyncio.Task, zyg: _Zygote) -> None:
         self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._closed:
+            # Its caller may have gone (cancelled): say it here, once.
+            log.warning("sandbox: an execution failed: %r", task.exception())
         if not self._closed:
             self._idle.put_nowait(zyg)
 
