@@ -318,7 +318,7 @@ async def test_engine_start_up_has_a_deadline(module_system):
         await module_system.spawn(RolloutWorker, config("keep", start_timeout_s=0.001), timeout=60)
 
 
-def test_a_missing_vllm_is_named_with_what_to_install(monkeypatch):
+async def test_a_missing_vllm_is_named_with_what_to_install(monkeypatch):
     # As on a machine without vLLM: its import fails (a None entry makes `import vllm` raise).
     monkeypatch.setitem(sys.modules, "vllm", None)
     monkeypatch.delitem(sys.modules, "asystem.vllm_engine", raising=False)
@@ -326,7 +326,7 @@ def test_a_missing_vllm_is_named_with_what_to_install(monkeypatch):
         make_engine(WorkerConfig(model=str(tiny_llama()), backend="vllm"))
 
 
-def test_worker_config_is_checked():
+async def test_worker_config_is_checked():
     with pytest.raises(ValueError, match="update_mode"):
         WorkerConfig(model="m", update_mode="later")
     with pytest.raises(ValueError, match="unknown key"):
