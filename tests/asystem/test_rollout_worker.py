@@ -253,8 +253,7 @@ async def test_tokens_after_an_update_carry_the_new_version(workers, progress_of
             assert is_greedy(model, PROMPTS[i] + before[rid], progress.tokens(rid)[split:])
 
 
-async def test_weights_over_the_zeromq_bucket_path(workers, progress_of, original):
-    mode = "keep"  # the path is the same in both modes
+async def test_weights_over_the_zeromq_bucket_path(workers, progress_of, original, mode):
     ref = workers[mode]
     progress = progress_of(ref)
     state = perturbed(original, seed=21)
