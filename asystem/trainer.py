@@ -218,9 +218,11 @@ class Trainer:
         fully_shard(model, mesh=mesh, mp_policy=policy)
         model.train()
         self.model = model
+        # foreach: torch would pick the per-tensor loop for DTensor parameters, one small
+        # operation per tensor and step instead of one per step.
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=learning_rate(self.config, 0), betas=self.config.betas,
-            weight_decay=self.config.weight_decay,
+            weight_decay=self.config.weight_decay, foreach=True,
         )
         self._vocab_size = model.config.vocab_size
         self._param_names = [name for name, _ in model.named_parameters()]
@@ -445,7 +447,9 @@ class Trainer:
         """
         logits = model(input_ids=mb.input_ids, use_cache=False).logits
         targets = mb.response_mask[:, 1:]
-        pred = logits[:, :-1][targets].float() / self.config.temperature  # [response tokens, V]
+        pred = logits[:, :-1][targets].float()  # [response tokens, V]
+        if self.config.temperature != 1.0:
+            pred = pred / self.config.temperature
         log_z = pred.logsumexp(dim=-1)
         token_logp = pred.gather(-1, mb.input_ids[:, 1:][targets][:, None]).squeeze(-1) - log_z
         if stats is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ from actors import Actor
 from asystem.trainer import DTYPES, Trainer, TrainerConfig
 from ring.trajectory import Trajectory
 
+log = logging.getLogger(__name__)
 
 class TrainerRank(Actor):
     """A `Trainer` in an actor, one per process (`spawn(TrainerRank, ..., where="process")`).
@@ -244,8 +246,13 @@ class TrainerGroup:
         return await asyncio.gather(*(r.ask("info", timeout=timeout) for r in self.ranks))
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Stop every rank (their processes exit)."""
-        await asyncio.gather(*(self.system.stop(r, timeout=timeout) for r in self.ranks), return_exceptions=True)
+        """Stop every rank (their processes exit; one that does not is killed). A rank that
+        fails to stop is logged, and the others are still stopped."""
+        results = await asyncio.gather(*(self.system.stop(r, timeout=timeout) for r in self.ranks),
+                                       return_exceptions=True)
+        for rank, result in enumerate(results):
+            if isinstance(result, BaseException):
+                log.warning("trainer rank %d (%s): stopping failed: %r", rank, self.ranks[rank], result)
 
     async def _all(self, method: str, *args, timeout: float) -> Any:
         answers = await asyncio.gather(*(r.ask(method, *args, timeout=timeout) for r in self.ranks),

@@ -18,6 +18,7 @@ import pytest_asyncio
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from actors import Actor
 from asystem.models import tiny_llama
 from asystem.trainer import Trainer, TrainerConfig, learning_rate
 from asystem.trainer_ranks import TrainerGroup, free_port
@@ -307,12 +308,14 @@ def test_reward_rises_on_an_easy_task(tmp_path):
 # -- data parallelism across processes --------------------------------------------------------
 
 
+@pytest.mark.slow  # two processes load torch and transformers: 17-32 s on 2 shared cores
 async def test_two_fsdp_ranks_make_the_same_update_as_one(tiny, reference, system):
     """Two ranks in two processes (FSDP2 over gloo) against one rank here, on a batch that
     splits unevenly (3 and 2 sequences, 2 and 1 micro-batches, so one rank runs a
     placeholder pass): the same loss, gradient norm, metrics and new weights. A wrong loss
     normalisation across ranks would change the loss and the gradient norm. Then the
-    weights reach an engine through the broadcast group while both ranks gather."""
+    weights reach engines, through the broadcast group and through actor messages, while
+    both ranks gather."""
     from asystem.weights import BucketPlan, WeightGroup, WeightReceiver, WeightSyncSpec
 
     config = TrainerConfig(model_path=tiny, lr=1e-3, micro_batch_tokens=24)
@@ -352,6 +355,33 @@ async def test_two_fsdp_ranks_make_the_same_update_as_one(tiny, reference, syste
         served = await group.gather_weights()  # bf16, as the engines take them
         assert {n for n, _ in received} == set(served)
         assert all(torch.equal(t, served[n]) for n, t in received)
+
+        # The other path: rank 0 asks an engine actor (here, in this process) bucket by bucket.
+        engine = await system.spawn(StagingEngine)
+        plan = await group.weight_plan(bucket_bytes=1 << 20)
+        pushed = await group.push_weights([engine], plan, timeout=60)
+        committed = await engine.ask("weights", timeout=10)
+        assert pushed["version"] == 1 and committed.keys() == served.keys()
+        assert all(torch.equal(t, served[n]) for n, t in committed.items())
     finally:
         await group.stop()
+
+
+class StagingEngine(Actor):
+    """What an engine does with weights pushed through actor messages: stage, then commit."""
+
+    def __init__(self):
+        from asystem.weights import WeightStaging
+
+        self.staging = WeightStaging()
+        self.committed: dict[str, torch.Tensor] = {}
+
+    async def load_weight_bucket(self, version, index, plan, buffer) -> None:
+        self.staging.add(version, index, buffer, plan)
+
+    async def commit_weights(self, version) -> None:
+        self.committed = {name: t.clone() for name, t in self.staging.commit(version)}
+
+    async def weights(self) -> dict:
+        return self.committed
 
