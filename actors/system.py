@@ -259,12 +259,16 @@ class ActorSystem:
         ref = ActorRef(self.address, actor_id, name, self)
         cell = ActorCell(self, ref, cls, args, kwargs, parent)
         self._cells[actor_id] = cell
+        deadline = asyncio.timeout(timeout)
         try:
-            await asyncio.wait_for(cell.start(), timeout)
+            async with deadline:
+                await cell.start()
         except BaseException as exc:
             self._cells.pop(actor_id, None)
             await cell.terminate(f"failed to start: {exc!r}")
-            if isinstance(exc, asyncio.TimeoutError):
+            # Only our own deadline is "did not finish"; a TimeoutError raised by on_start
+            # itself is the actor's error and is reported as such.
+            if isinstance(exc, TimeoutError) and deadline.expired():
                 raise SpawnError(f"{cls.__name__} {actor_id}: on_start did not finish within "
                                  f"{timeout}s") from None
             if isinstance(exc, Exception):

@@ -386,7 +386,7 @@ class Controller:
         started = time.monotonic()
         await asyncio.gather(*(r.ask("pause", timeout=120.0) for r in refs))
         try:
-            plan = await self.fleet.trainers.weight_plan(wcfg.bucket_mb << 20)
+            plan = await self.fleet.trainers.weight_plan(None if wcfg.bucket_mb is None else wcfg.bucket_mb << 20)
             if plan["version"] != version:
                 raise RuntimeError(f"weight sync: the trainer holds version {plan['version']}, expected {version}")
             if wcfg.transport == "zmq":

@@ -75,8 +75,12 @@ def _worker_config(config: TrainConfig, model_path: Path) -> dict[str, Any]:
     from .rollout import WorkerConfig
 
     backend = config.rollout.backend
+    if backend == "auto":  # decided here, so that only vLLM gets vLLM's options
+        import importlib.util
+
+        backend = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
     options: dict[str, Any] = {}
-    if backend in ("vllm", "auto"):
+    if backend == "vllm":
         options["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization
     return WorkerConfig(model=str(model_path), backend=backend, dtype=config.rollout.dtype,
                         max_batch=max(config.scheduler.infer_capacity, config.task.eval_size),
