@@ -20,10 +20,12 @@ Failures, and what the pool does (each counted in `stats()` and logged):
   worker, up to `attempts` tries within the request's deadline, and the dead worker is
   replaced in the background (`worker_deaths`, `retries`, `respawns`);
 - the worker did not answer in time (each try gets an equal share of what is left of the
-  deadline): the next try goes to another worker (`timeouts`). A worker whose event loop is stuck keeps its place: the
+  deadline) or its mailbox stayed full: the next try goes to another worker (`timeouts`,
+  `busy`). A worker whose event loop is stuck keeps its place: the
   pool cannot tell it from a busy one;
 - the verifier raised (a bad item, a custom function's bug): no retry, the same input
-  would fail again; `RewardError` with the remote traceback (`verifier_errors`);
+  would fail again; `RewardError` with the remote traceback (`verifier_errors`); likewise
+  a request the runtime refuses (over the message size limit: `refused`);
 - tries or deadline exhausted: `RewardError` naming the item, the deadline and the last
   cause (`failed`). The caller decides: drop the trajectory or score it later.
 
@@ -43,7 +45,15 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
-from actors import Actor, ActorDeadError, ActorRef, AskTimeout, RemoteError
+from actors import (
+    Actor,
+    ActorDeadError,
+    ActorError,
+    ActorRef,
+    AskTimeout,
+    MailboxFullError,
+    RemoteError,
+)
 from asystem.sandbox import Limits, Sandbox
 from ring import rewards
 from ring.tasks import TaskItem
@@ -184,13 +194,15 @@ class RewardPool:
         deadline = time.monotonic() + timeout
         payload = item.to_dict()
         cause = "no worker was available"
+        tried: set[int] = set()
         for attempt in range(1, self.attempts + 1):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            slot = await self._pick(deadline)
+            slot = await self._pick(deadline, avoid=tried)
             if slot is None:
                 break
+            tried.add(slot.index)
             if attempt > 1:
                 self.counters["retries"] += 1
             slot.in_flight += 1
@@ -207,10 +219,13 @@ class RewardPool:
                 log.warning("reward pool: %s while scoring %s; retrying elsewhere", cause, item.item_id)
                 self._respawn(slot)
                 continue
-            except AskTimeout as exc:
-                self.counters["timeouts"] += 1
-                cause = f"worker {slot.index} did not answer in time ({exc})"
+            except (AskTimeout, MailboxFullError) as exc:
+                self.counters["timeouts" if isinstance(exc, AskTimeout) else "busy"] += 1
+                cause = f"worker {slot.index} did not take or answer the request in time ({exc})"
                 continue
+            except ActorError as exc:  # the request itself is refused (too large, malformed)
+                self.counters["refused"] += 1
+                raise RewardError(f"{item.item_id}: {slot.ref} refused the request: {exc}") from None
             finally:
                 slot.in_flight -= 1
             self.counters["scored"] += 1
@@ -232,11 +247,12 @@ class RewardPool:
                 raise result
         return results
 
-    async def _pick(self, deadline: float) -> _Slot | None:
-        """The live worker with the fewest requests in flight (ties in turn); waits for a
-        respawn when all are dead, until the deadline."""
+    async def _pick(self, deadline: float, avoid: set[int]) -> _Slot | None:
+        """The live worker with the fewest requests in flight (ties in turn), one not in
+        `avoid` if there is one; waits for a respawn when all are dead, until the deadline."""
         while time.monotonic() < deadline:
             live = [s for s in self._slots if s.ref is not None and s.respawning is None]
+            live = [s for s in live if s.index not in avoid] or live
             if live:
                 turn = next(self._turn)
                 return min(live, key=lambda s: (s.in_flight, (s.index - turn) % len(self._slots)))
@@ -266,8 +282,8 @@ class RewardPool:
             slot.respawning = None
 
     def stats(self) -> dict[str, int]:
-        """scored, retries, timeouts, worker_deaths, respawns, respawn_failures,
-        verifier_errors, failed; and the workers' requests in flight."""
+        """scored, retries, timeouts, busy, worker_deaths, respawns, respawn_failures,
+        verifier_errors, refused, failed; and the workers' requests in flight."""
         return {**self.counters, "in_flight": sum(s.in_flight for s in self._slots)}
 
     async def worker_stats(self, timeout: float = 10.0) -> list[dict[str, Any]]:
