@@ -60,10 +60,10 @@ class Actor:
         return self._cell.children_refs()
 
     async def spawn(self, cls, *args, name: str | None = None, where: str = "local",
-                    timeout: float | None = None, **kwargs):
-        """Start a supervised child; see :meth:`ActorSystem.spawn` for ``where``."""
+                    timeout: float | None = None, env: dict[str, str] | None = None, **kwargs):
+        """Start a supervised child; see :meth:`ActorSystem.spawn` for ``where`` and ``env``."""
         return await self.system.spawn(cls, *args, name=name, where=where, timeout=timeout,
-                                       parent=self._cell, **kwargs)
+                                       parent=self._cell, env=env, **kwargs)
 
     def watch(self, ref) -> None:
         """Have :meth:`on_terminated` called when ``ref`` stops or dies."""

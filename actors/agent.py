@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import sys
 
 from .actor import Actor
 from .process import spawn_process
+from .system import check_env
 
 
 class NodeAgent(Actor):
@@ -26,15 +28,32 @@ class NodeAgent(Actor):
 
     def __init__(self, node: str):
         self.node = node
+        self._ports_given: collections.deque[int] = collections.deque(maxlen=1024)
 
     async def start_actor(self, cls_path: str, args: list, kwargs: dict, actor_id: str,
-                    name: str | None, rebind: str | None, timeout: float):
-        """Start ``cls_path`` in a new process on this node; returns its ref."""
+                    name: str | None, rebind: str | None, timeout: float,
+                    env: dict | None = None):
+        """Start ``cls_path`` in a new process on this node, with ``env`` added to its
+        environment; returns its ref."""
         if rebind is not None and not rebind.startswith(self._host_prefix()):
             rebind = None  # that address belonged to another node
         child = await spawn_process(self.system, cls_path, args, kwargs, actor_id, name,
-                                    timeout, rebind)
+                                    timeout, rebind, None if env is None else check_env(env))
         return child.ref
+
+    async def free_port(self) -> int:
+        """A TCP port free on every interface of this node now, for a rendezvous that a
+        process here will bind (a process group's store). Not one of the last 1024 this
+        agent handed out, so that requests close together never get the same port; another
+        program may still take it before it is bound."""
+        for _ in range(64):
+            with socket.socket() as sock:
+                sock.bind(("", 0))
+                port = sock.getsockname()[1]
+            if port not in self._ports_given:
+                self._ports_given.append(port)
+                return port
+        raise RuntimeError(f"node {self.node}: no fresh free port after 64 tries")
 
     async def info(self) -> dict:
         return {"node": self.node, "pid": os.getpid(), "address": self.system.address,

@@ -115,30 +115,33 @@ class ChildProcess:
 
 
 async def spawn_elsewhere(system, cls: type, args, kwargs, actor_id: str, name: str | None,
-                          where, timeout: float, rebind: str | None = None):
+                          where, timeout: float, rebind: str | None = None,
+                          env: dict[str, str] | None = None):
     """Start ``cls`` in a new process here (``where="process"``) or through a node agent
-    (``where`` is its ref). Returns (ref, ChildProcess or None)."""
+    (``where`` is its ref), with ``env`` added to its environment. Returns (ref,
+    ChildProcess or None)."""
     path = class_path(cls)
     if where == "process":
         child = await spawn_process(system, path, list(args), kwargs, actor_id, name,
-                                    timeout, rebind)
+                                    timeout, rebind, env)
         return child.ref, child
     if isinstance(where, ActorRef):
         ref = await where.ask("start_actor", path, list(args), kwargs, actor_id, name, rebind,
-                              timeout, timeout=timeout + 5)
+                              timeout, env, timeout=timeout + 5)
         return ref.bind(system), None
     raise ValueError(f"where must be 'local', 'process' or a NodeAgent ref, not {where!r}")
 
 
 async def spawn_process(system, path: str, args: list, kwargs: dict, actor_id: str,
-                        name: str | None, timeout: float, rebind: str | None) -> ChildProcess:
+                        name: str | None, timeout: float, rebind: str | None,
+                        extra_env: dict[str, str] | None = None) -> ChildProcess:
     loop = asyncio.get_running_loop()
     token = uuid.uuid4().hex
     started = loop.create_future()
     system._launches[token] = ({"cls": path, "args": args, "kwargs": kwargs,
                                 "actor_id": actor_id, "name": name, "timeout": timeout,
                                 "head": system.head or system.address}, started)
-    env = {**os.environ, "ASYSTEM_SECRET": system.secret.hex(),
+    env = {**os.environ, **(extra_env or {}), "ASYSTEM_SECRET": system.secret.hex(),
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "actors.process", "--parent", system.address, "--token", token,

@@ -60,6 +60,20 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(_EXPIRED)
 
 
+def check_env(env: Any) -> dict[str, str]:
+    """``env`` for a new process, checked: names and values are strings, names non-empty
+    and without "=" or NUL. Raises TypeError or ValueError naming the bad entry."""
+    if not isinstance(env, dict):
+        raise TypeError(f"env must be a dict of str to str, not {type(env).__name__}")
+    for key, value in env.items():
+        if not (isinstance(key, str) and key and "=" not in key and "\0" not in key):
+            raise ValueError(f"env: invalid variable name {key!r}")
+        if not (isinstance(value, str) and "\0" not in value):
+            raise ValueError(f"env: the value of {key} must be a string without NUL, "
+                             f"not {value!r}")
+    return dict(env)
+
+
 def current_system() -> "ActorSystem":
     """The system of the running context: the one that delivered the current message, else
     the most recently started one in this process."""
@@ -79,6 +93,7 @@ class ChildRecord:
     kwargs: dict
     where: Any  # "local", "process" or a node agent's ActorRef
     cell: ActorCell | None = None
+    env: dict | None = None  # environment variables of its process, kept for restarts
     process: Any = None  # actors.process.ChildProcess for where="process"
 
 
@@ -222,12 +237,15 @@ class ActorSystem:
 
     async def spawn(self, cls, *args, name: str | None = None, where: Any = "local",
                     timeout: float | None = None, parent: ActorCell | None = None,
-                    actor_id: str | None = None, **kwargs) -> ActorRef:
+                    actor_id: str | None = None, env: dict[str, str] | None = None,
+                    **kwargs) -> ActorRef:
         """Start an actor and return its ref.
 
         ``where``: ``"local"`` (this process), ``"process"`` (a new OS process on this
         host; the class must be importable by its module path and the arguments encodable),
         or the ActorRef of a :class:`~actors.agent.NodeAgent` (a new process on that node).
+        ``env``: environment variables set in the new process on top of its parent's (e.g.
+        ``CUDA_VISIBLE_DEVICES``); a restart keeps them. Not allowed with ``"local"``.
         ``name`` registers the actor cluster-wide (see :meth:`lookup`); a taken name raises
         SpawnError. ``timeout`` bounds start-up, ``on_start`` included. When called by an
         actor (``Actor.spawn``) the new actor is its supervised child.
@@ -235,6 +253,10 @@ class ActorSystem:
         if self._closing:
             raise SpawnError(f"system {self.address} is shutting down")
         timeout = self.default_timeout if timeout is None else timeout
+        if env is not None:
+            if where == "local":
+                raise ValueError("spawn: env needs a new process (where='process' or an agent)")
+            env = check_env(env)
         actor_id = actor_id or f"{cls.__name__.lower()}-{uuid.uuid4().hex[:8]}"
         if name is not None:
             await self._check_name_free(name, actor_id, timeout)
@@ -244,8 +266,8 @@ class ActorSystem:
         else:
             from .process import spawn_elsewhere
             ref, proc = await spawn_elsewhere(self, cls, args, kwargs, actor_id, name, where,
-                                              timeout)
-            record = ChildRecord(ref, cls, args, kwargs, where, process=proc)
+                                              timeout, env=env)
+            record = ChildRecord(ref, cls, args, kwargs, where, process=proc, env=env)
             if parent is not None:
                 self.watch(parent.ref, ref)
         if parent is not None:
@@ -391,7 +413,8 @@ class ActorSystem:
         try:
             ref, proc = await spawn_elsewhere(
                 self, record.cls, record.args, record.kwargs, record.ref.actor_id,
-                record.ref.name, record.where, self.default_timeout, rebind=record.ref.address)
+                record.ref.name, record.where, self.default_timeout, rebind=record.ref.address,
+                env=record.env)
         except errors.ActorError as exc:  # SpawnError, or e.g. its node agent is gone too
             await self._supervise(parent, record.ref.actor_id, str(exc))
             return
