@@ -170,9 +170,13 @@ class Controller:
                     self._rollouts[traj.traj_id] = _Rollout(0, finished_unscored[traj.traj_id])
                     self._spawn(self._score(traj.traj_id, finished_unscored[traj.traj_id]))
             await self._submit([t for t in self.scheduler.in_flight() if t.traj_id not in finished_unscored])
+            next_status = time.monotonic() + 10.0
             while self.step < steps and (deadline is None or time.monotonic() < deadline):
                 self._raise_failure()
                 await self._admit()
+                if time.monotonic() > next_status:
+                    self._status()
+                    next_status = time.monotonic() + 10.0
                 if self._training is None and self.scheduler.ready():
                     self._training = asyncio.create_task(self._train(self.scheduler.take_batch()))
                     self._training.add_done_callback(self._training_done)
@@ -448,6 +452,19 @@ class Controller:
         self.last_record = {"step": self.step, **record}
         if self.view is not None:
             self.view.update(self.last_record)
+
+    def _status(self) -> None:
+        """One line on the step in progress, every few seconds (the first step can take minutes)."""
+        budget = getattr(self.scheduler, "config", None)
+        phi = getattr(budget, "token_budget", None)
+        line = (f"step {self.step + 1}: {self.scheduler.complete_tokens}"
+                f"{f'/{phi}' if phi else ''} tokens in complete groups, {sum(self._load)} rollouts decoding, "
+                f"{self._pending_scores} being scored, {self._step_tokens} tokens decoded this step"
+                f"{', training' if self._training is not None else ''}")
+        if self.view is not None:
+            self.view.note(line)
+        else:
+            log.info(line)
 
     # -- held-out evaluation --------------------------------------------------------------------------
 

@@ -80,12 +80,36 @@ def _worker_config(config: TrainConfig, model_path: Path) -> dict[str, Any]:
 
         backend = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
     options: dict[str, Any] = {}
-    if backend == "vllm":
+    if backend == "vllm" and config.rollout.gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization
     return WorkerConfig(model=str(model_path), backend=backend, dtype=config.rollout.dtype,
+                        cpu_cores=engine_cores(config),
                         max_batch=max(config.scheduler.infer_capacity, config.task.eval_size),
                         update_mode=config.rollout.update_mode,
                         start_timeout_s=config.rollout.start_timeout_s, engine_options=options).to_dict()
+
+
+def engine_cores(config: TrainConfig) -> list[int] | None:
+    """The cores the engines compute on in a CPU job (None: no pinning); see RolloutConfig."""
+    from .device import on_gpu
+
+    spec = config.rollout.cpu_cores
+    cores = sorted(os.sched_getaffinity(0))
+    if on_gpu() or spec == "all" or len(cores) < 2:
+        return None
+    if spec == "auto":
+        return cores[:len(cores) // 2]
+    try:
+        return [int(c) for c in str(spec).split(",")]
+    except ValueError:
+        raise ConfigError(f"rollout.cpu_cores: expected 'auto', 'all' or a list like '0,1', got {spec!r}") from None
+
+
+def trainer_threads(config: TrainConfig) -> int:
+    """Torch threads per trainer rank: the cores the engines do not take, shared by the ranks."""
+    cores = len(os.sched_getaffinity(0))
+    free = cores - len(engine_cores(config) or [])
+    return max(1, (free or cores) // config.trainer_ranks)
 
 
 async def start_fleet(system: ActorSystem, config: TrainConfig, model_path: Path, resume: Path | None) -> Fleet:
@@ -99,12 +123,11 @@ async def start_fleet(system: ActorSystem, config: TrainConfig, model_path: Path
     worker_cfg = _worker_config(config, model_path)
     timeout = config.rollout.start_timeout_s
     rewards = RewardPool(system, workers=config.reward.workers, timeout=config.reward.timeout_s)
-    cores = os.cpu_count() or 1
     started = await asyncio.gather(
         *(supervisor.ask("start_worker", worker_cfg, timeout, timeout=timeout + 30.0)
           for _ in range(config.rollout.workers)),
         TrainerGroup.start(system, _trainer_config(config, model_path), world_size=config.trainer_ranks,
-                           timeout_s=timeout, torch_threads=max(1, cores // config.trainer_ranks)),
+                           timeout_s=timeout, torch_threads=trainer_threads(config)),
         rewards.start(),
         return_exceptions=True)
     failed = next((s for s in started if isinstance(s, BaseException)), None)

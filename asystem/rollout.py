@@ -47,6 +47,7 @@ import asyncio
 import collections
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -83,6 +84,10 @@ class WorkerConfig:
     requests to wind down."""
     progress_idle_s: float = 1.0
     """progress() yields [] after this long without news."""
+    cpu_cores: list[int] | None = None
+    """CPU engines only: the cores this worker's engine computes on (None: all). On a small
+    host, engines and trainer on separate cores overlap; on shared cores their thread pools
+    fight and both crawl."""
     engine_options: dict[str, Any] = field(default_factory=dict)
     """More keyword arguments for the engine's constructor (e.g. device, gpu_memory_utilization)."""
 
@@ -125,6 +130,14 @@ def make_engine(config: WorkerConfig) -> RolloutEngine:
     return VLLMEngine(config.model, dtype=config.dtype, max_batch=config.max_batch, **config.engine_options)
 
 
+def _pin_cpu(cores: list[int]) -> None:
+    # Before the engine starts: vLLM's engine process inherits the affinity and reads the
+    # OpenMP binding from the environment; the torch engine computes in this process.
+    os.sched_setaffinity(0, cores)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+    torch.set_num_threads(len(cores))
+
+
 class RolloutWorker(Actor):
     """Hosts one engine; see the module docstring. `config`: a `WorkerConfig` dict."""
 
@@ -147,6 +160,8 @@ class RolloutWorker(Actor):
 
     async def on_start(self) -> None:
         cfg = self.config
+        if cfg.cpu_cores:
+            _pin_cpu(cfg.cpu_cores)
         self.engine = make_engine(cfg)
         try:
             await asyncio.wait_for(self.engine.start(), cfg.start_timeout_s)

@@ -50,8 +50,11 @@ class RolloutConfig:
     """At a weight update, in-flight requests are "resubmit"ted as continuations or "keep" running."""
     dtype: str = "bfloat16"
     """The engines' precision (the trainer's is trainer.dtype): IcePop corrects the gap."""
-    gpu_memory_utilization: float = 0.15
-    """vLLM's memory share (of host memory on CPU)."""
+    gpu_memory_utilization: float | None = None
+    """vLLM's GPU memory share; None: vLLM's default on GPU, a 1 GiB KV cache on CPU."""
+    cpu_cores: str = "auto"
+    """CPU jobs: cores for the engines. "auto": the first half of this host's cores (the
+    trainer gets the rest), "all": no pinning, or a list such as "0,1"."""
     start_timeout_s: float = 300.0
     """Deadline for an engine to come up."""
 
@@ -108,6 +111,42 @@ class RunConfig:
 
 
 @dataclass
+class RoleResources:
+    """What one process of a role needs, and where it may run (launch/cluster.py)."""
+
+    gpus: int | None = None
+    """GPUs per process (CUDA_VISIBLE_DEVICES names them); None: 1 when the cluster has GPUs, else 0."""
+    nodes: list[int] | None = None
+    """Node ranks the role may run on; None: any. Restarts after a node loss stay within them."""
+    per_node: int | None = None
+    """Most processes of the role on one node; None: as many as the node's GPUs allow."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where the processes run when the job is started by launch/cluster.py on several
+    nodes (docs/cluster.md); a job on one host ignores it. The number of processes of each
+    role is `trainer_ranks`, `rollout.workers` and `reward.workers`."""
+
+    trainer: RoleResources = field(default_factory=RoleResources)
+    """Trainer ranks: packed, rank 0 on the first allowed node with room."""
+    rollout: RoleResources = field(default_factory=RoleResources)
+    """Rollout workers: spread over the allowed nodes."""
+    reward: RoleResources = field(default_factory=lambda: RoleResources(gpus=0))
+    """Reward workers: spread over the allowed nodes."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for every process of the job (NCCL_SOCKET_IFNAME, NCCL_IB_HCA,
+    GLOO_SOCKET_IFNAME, ...); NCCL_* and GLOO_* variables of the launcher's environment are
+    passed on too."""
+    heartbeat_s: float = 1.0
+    """Interval of the heartbeats between the head and every process."""
+    dead_after_s: float = 10.0
+    """A node agent (or process) that answers no heartbeat for this long is declared dead."""
+    join_timeout_s: float = 600.0
+    """Deadline for every node to join the head at start-up."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -120,3 +159,4 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
