@@ -20,7 +20,9 @@ Faults:
 - A rollout worker that dies is restarted by its supervisor (`WorkerSupervisor`,
   one_for_one). Its rollouts keep their tokens so far (they are in the scheduler) and go
   on as continuations on the other workers, or on it once it is back; the weight group is
-  formed again with it and it gets the current weights before it decodes.
+  formed again with it and it gets the current weights before it decodes. On a cluster a
+  worker whose node is lost starts elsewhere under a new ref (asystem/cluster.py); one with
+  no room left anywhere is retired and the job goes on with the others.
 - A reward request is retried by the RewardPool; one that still fails drops its group
   (counted, logged; the prompt is requeued when `requeue_dropped`).
 - A trainer rank that fails stops the job with an error naming it: the newest checkpoint
@@ -65,6 +67,15 @@ class Fleet:
     workers: list  # RolloutWorker refs
     trainers: Any  # asystem.trainer_ranks.TrainerGroup
     rewards: Any  # asystem.reward.RewardPool
+    supervisor: Any = None  # on a cluster (asystem/cluster.py): finds workers that moved
+    rendezvous: Any = None  # on a cluster: async () -> (host, port) free on trainer rank 0's node
+
+    async def find_worker(self, index: int):
+        """Worker `index` now: the same ref after a restart in place, a new one after a move
+        to another node, None once it is retired."""
+        if self.supervisor is None:
+            return self.workers[index]
+        return await self.supervisor.ask("find", self.workers[index].actor_id, timeout=10.0)
 
 
 class StepClock:
@@ -232,9 +243,9 @@ class Controller:
 
     async def _consume(self, worker: int) -> None:
         """Follow one worker's progress stream; when it breaks, requeue and wait for a restart."""
-        ref = self.fleet.workers[worker]
         idle = 60.0  # a live worker yields [] every second when it has nothing to say
         while True:
+            ref = self.fleet.workers[worker]  # new after a move to another node
             try:
                 async for chunks in ref.stream("progress", window=64, timeout=idle):
                     for chunk in chunks:
@@ -245,7 +256,8 @@ class Controller:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await self._worker_lost(worker, exc)
+                if not await self._worker_lost(worker, exc):
+                    return  # retired
 
     def _on_chunk(self, worker: int, chunk: dict) -> None:
         rid = chunk["request_id"]
@@ -310,8 +322,9 @@ class Controller:
                 except Exception as exc:  # a dead worker has nothing left to stop
                     log.info("cancel on rollout worker %d: %s", worker, exc)
 
-    async def _worker_lost(self, worker: int, exc: BaseException) -> None:
-        """Requeue a lost worker's rollouts, wait for its restart, give it the weights."""
+    async def _worker_lost(self, worker: int, exc: BaseException) -> bool:
+        """Requeue a lost worker's rollouts, wait for its restart, give it the weights.
+        False when it is retired instead."""
         ref = self.fleet.workers[worker]
         self._down.add(worker)
         self._group_of = None  # the weight group lost a member: form it again
@@ -329,7 +342,10 @@ class Controller:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await ref.ask("health", timeout=10.0)
+                found = await self.fleet.find_worker(worker)
+                if found is None:
+                    return self._worker_retired(worker, exc)
+                await found.ask("health", timeout=10.0)
                 break
             except Exception as probe:
                 if time.monotonic() > deadline:
@@ -339,6 +355,7 @@ class Controller:
                     self._wake.set()
                     raise self._failure from None
                 await asyncio.sleep(1.0)
+        self.fleet.workers[worker] = found
         async with self._trainer_lock:
             await self.sync_weights(self.scheduler.version, force=True, rejoin=worker)
         self.counters["rollout_worker_restarts"] += 1
@@ -346,6 +363,17 @@ class Controller:
         orphans = [t for t in self.scheduler.in_flight() if t.traj_id not in self._rollouts]
         await self._submit(orphans)  # rollouts that waited because no worker was live
         self._wake.set()
+        return True
+
+    def _worker_retired(self, worker: int, exc: BaseException) -> bool:
+        """Worker `worker` will not come back (no room left for it): go on without it."""
+        self.counters["rollout_workers_retired"] += 1
+        live = len(self.fleet.workers) - len(self._down)
+        log.warning("rollout worker %d is retired after it failed (%s); %d workers go on", worker, exc, live)
+        if not live:
+            self._failure = RuntimeError(f"no rollout worker left: worker {worker}, the last one, is retired ({exc})")
+            self._wake.set()
+        return False
 
     # -- training and weights -------------------------------------------------------------------
 
@@ -419,7 +447,8 @@ class Controller:
         wcfg = self.config.weights
         from .device import collective_backend
 
-        spec = WeightSyncSpec(host="127.0.0.1", port=free_port(), world_size=1 + len(live),
+        host, port = await self.fleet.rendezvous() if self.fleet.rendezvous else ("127.0.0.1", free_port())
+        spec = WeightSyncSpec(host=host, port=port, world_size=1 + len(live),
                               backend=collective_backend(), timeout_s=wcfg.timeout_s).to_dict()
         joins = [self.fleet.workers[w].ask("join_weight_group", spec, rank, timeout=wcfg.timeout_s + 10.0)
                  for rank, w in enumerate(live, start=1)]
