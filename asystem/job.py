@@ -112,9 +112,16 @@ def trainer_threads(config: TrainConfig) -> int:
     return max(1, (free or cores) // config.trainer_ranks)
 
 
-async def start_fleet(system: ActorSystem, config: TrainConfig, model_path: Path, resume: Path | None) -> Fleet:
-    """Start the rollout workers, the trainer ranks and the reward pool, all at once."""
+async def start_fleet(system: ActorSystem, config: TrainConfig, model_path: Path, resume: Path | None,
+                      cluster=None) -> Fleet:
+    """Start the rollout workers, the trainer ranks and the reward pool, all at once: on this
+    host, or placed on the nodes of `cluster` (asystem/cluster.py)."""
     import asyncio
+
+    if cluster is not None:
+        from .cluster import start_placed_fleet
+
+        return await start_placed_fleet(system, config, model_path, resume, cluster)
 
     from .reward import RewardPool
     from .trainer_ranks import TrainerGroup
@@ -152,11 +159,12 @@ def make_scheduler(config: TrainConfig):
     raise ConfigError(f"scheduler.kind: expected 'c3po' or 'sync', got {s.kind!r}")
 
 
-async def train(config: TrainConfig, on_start=None) -> dict[str, Any]:
+async def train(config: TrainConfig, on_start=None, cluster=None) -> dict[str, Any]:
     """Run the job; returns the summary also written to `<out>/summary.json`.
 
     `on_start(fleet)`, if given, is called once every actor is up (e.g. to watch or
     probe the workers from an embedding service, or to inject faults in tests).
+    `cluster` (an asystem.cluster.Cluster, from launch/cluster.py) runs the fleet on its nodes.
     """
     from transformers import AutoTokenizer
 
@@ -188,13 +196,13 @@ async def train(config: TrainConfig, on_start=None) -> dict[str, Any]:
     metrics = MetricsLog(out)
     summary: dict[str, Any] = {"out": str(out), "model": str(model_path), "resumed_from": str(resume) if resume else None}
     title = f"asystem train: {config.model.path} on {config.task.source.get('name', config.task.source['kind'])}"
-    async with ActorSystem() as system:
+    async with ActorSystem(**(cluster.system_options(config.cluster) if cluster else {})) as system:
         view = LiveView(title) if config.run.live else None
         with view or _nothing():
             note = view.note if view else log.info
             note("starting rollout workers, trainer ranks and reward workers...")
             started = time.monotonic()
-            fleet = await start_fleet(system, config, model_path, resume)
+            fleet = await start_fleet(system, config, model_path, resume, cluster)
             summary["startup_s"] = time.monotonic() - started
             controller = Controller(config, fleet, scheduler, prompts, item_of, tokenizer, metrics, view,
                                     eval_prompts=[renderer.prompt(i) for i in held_out],
