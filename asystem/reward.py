@@ -151,7 +151,9 @@ class RewardPool:
     """Scores requests on `workers` RewardWorker actors (see the module docstring).
 
     `where`: where workers run ("process": each in its own OS process, so a crash or a
-    hang takes one worker, never the caller). `timeout`: the default deadline of one
+    hang takes one worker, never the caller), or a function of the worker's index that
+    returns `(where, env)` for `spawn`, asked at every start and restart (a cluster places
+    workers on its nodes: asystem/cluster.py). `timeout`: the default deadline of one
     request, retries included. `attempts`: tries per request. `spawn_timeout`: bounds the
     start of a worker.
     """
@@ -174,7 +176,7 @@ class RewardPool:
 
     async def start(self) -> RewardPool:
         """Spawn every worker; SpawnError if one does not come up within spawn_timeout."""
-        refs = await asyncio.gather(*(self._spawn() for _ in self._slots), return_exceptions=True)
+        refs = await asyncio.gather(*(self._spawn(s.index) for s in self._slots), return_exceptions=True)
         for slot, ref in zip(self._slots, refs):
             if isinstance(ref, BaseException):
                 await self.close()
@@ -182,8 +184,9 @@ class RewardPool:
             slot.ref = ref
         return self
 
-    async def _spawn(self) -> ActorRef:
-        return await self.system.spawn(RewardWorker, *self._worker_args, where=self.where,
+    async def _spawn(self, index: int) -> ActorRef:
+        where, env = self.where(index) if callable(self.where) else (self.where, None)
+        return await self.system.spawn(RewardWorker, *self._worker_args, where=where, env=env,
                                        timeout=self.spawn_timeout)
 
     async def score(self, item: TaskItem, response: str, timeout: float | None = None) -> float:
@@ -271,7 +274,7 @@ class RewardPool:
         try:
             while not self._closed:
                 try:
-                    slot.ref = await self._spawn()
+                    slot.ref = await self._spawn(slot.index)
                     self.counters["respawns"] += 1
                     return
                 except Exception as exc:  # noqa: BLE001 - logged, counted, retried

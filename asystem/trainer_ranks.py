@@ -189,17 +189,21 @@ class TrainerGroup:
     @classmethod
     async def start(cls, system, config: TrainerConfig, world_size: int = 1, *, master_addr: str = "127.0.0.1",
                     master_port: int | None = None, timeout_s: float = 300.0,
-                    collective_timeout_s: float = 600.0, torch_threads: int | None = None) -> TrainerGroup:
+                    collective_timeout_s: float = 600.0, torch_threads: int | None = None,
+                    slots: Sequence | None = None) -> TrainerGroup:
         """Spawn `world_size` TrainerRank processes on this host and set them up.
 
         `timeout_s` bounds start-up (spawn, rendezvous, model loading);
         `collective_timeout_s` bounds every later collective. On CPU each rank gets
-        cpu_count / world_size threads unless `torch_threads` says otherwise.
+        cpu_count / world_size threads unless `torch_threads` says otherwise. `slots`
+        (asystem.placement.Slot per rank) runs each rank at its slot's `where` with its
+        `env` instead; `master_addr` must then be rank 0's host, `master_port` free there.
         """
         port = master_port or free_port(master_addr)
         threads = torch_threads or max(1, (os.cpu_count() or 1) // world_size)
         spawned = await asyncio.gather(*(
-            system.spawn(TrainerRank, config.to_dict(), rank, world_size, threads, where="process", timeout=timeout_s)
+            system.spawn(TrainerRank, config.to_dict(), rank, world_size, threads, timeout=timeout_s,
+                         where=slots[rank].where if slots else "process", env=slots[rank].env if slots else None)
             for rank in range(world_size)), return_exceptions=True)
         group = cls(system, [r for r in spawned if not isinstance(r, BaseException)])
         try:
