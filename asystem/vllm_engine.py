@@ -505,7 +505,11 @@ class VLLMEngine:
             self._updating = True
             try:
                 await self._quiesce(method)
-                [result] = await self._rpc(method, *args, timeout=timeout)
+                try:
+                    [result] = await self._rpc(method, *args, timeout=timeout)
+                except EngineError as exc:  # no answer: the worker may have loaded part of it
+                    self._broken = f"a weight update did not complete ({exc})"
+                    raise
                 if not result["ok"]:
                     self.counters["weight_update_failures"] += 1
                     if result["stage"] == "load":
