@@ -582,8 +582,9 @@ def _incomplete_groups(names: set[str], packed: dict[str, list[str]]) -> list[st
 
 async def _start_llm(args: AsyncEngineArgs, timeout: float, name: str) -> AsyncLLM:
     """AsyncLLM.from_engine_args in a thread (it blocks for the whole start-up), bounded by
-    `timeout`: when it passes, the engine processes this start spawned are killed, which
-    makes the start fail in its thread, and EngineError is raised."""
+    `timeout`. When that passes, or the caller is cancelled, while vLLM is still starting,
+    the engine processes this start spawned are killed (which makes the start fail in its
+    thread) and an engine that completes anyway is shut down."""
     before: list[set[int]] = []
 
     def build() -> AsyncLLM:
@@ -594,13 +595,18 @@ async def _start_llm(args: AsyncEngineArgs, timeout: float, name: str) -> AsyncL
     future = asyncio.ensure_future(asyncio.to_thread(build))
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout)
-    except TimeoutError:
-        killed = _kill_new_children(before[0] if before else None)
-        future.add_done_callback(_shutdown_late)
-        raise EngineError(f"VLLMEngine({name}): vLLM did not start within {timeout:.0f}s "
-                          f"(killed engine processes {killed})") from None
-    except Exception as exc:
-        raise EngineError(f"VLLMEngine({name}): vLLM failed to start: {exc!r}") from exc
+    except BaseException as exc:
+        if not future.done():
+            killed = _kill_new_children(before[0] if before else None)
+            future.add_done_callback(_shutdown_late)
+            if isinstance(exc, TimeoutError):
+                raise EngineError(f"VLLMEngine({name}): vLLM did not start within {timeout:.0f}s "
+                                  f"(killed engine processes {killed})") from None
+            raise
+        if future.cancelled() or future.exception() is None:  # it started, but the caller gave up
+            _shutdown_late(future)
+            raise
+        raise EngineError(f"VLLMEngine({name}): vLLM failed to start: {future.exception()!r}") from exc
 
 
 def _kill_new_children(before: set[int] | None) -> list[int]:
@@ -623,6 +629,6 @@ def _kill_new_children(before: set[int] | None) -> list[int]:
 
 
 def _shutdown_late(future: asyncio.Future) -> None:
-    # A start that completed after its deadline: nobody will use it.
+    # A start that completed after all: nobody will use it.
     if not future.cancelled() and future.exception() is None:
         future.result().shutdown()
