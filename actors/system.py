@@ -486,7 +486,10 @@ class ActorSystem:
                 return
             cell.children.pop(target.actor_id, None)
         request = Request(Call.TELL, TERMINATED, (target, reason), {}, None, None)
-        await cell.mailbox.put(request, None)
+        try:
+            await cell.mailbox.put(request, None)
+        except ActorDeadError:  # the watcher stopped taking messages meanwhile: no one to tell
+            log.debug("%s stopped before it heard that %s terminated", watcher, target)
 
     # -- naming ------------------------------------------------------------------------
 
