@@ -414,17 +414,24 @@ class Trainer:
         if advantages is not None:
             if len(advantages) != len(trajs):
                 raise ValueError(f"train_step: {len(advantages)} advantages for {len(trajs)} trajectories")
-            by_id = {t.traj_id: float(a) for t, a in zip(trajs, advantages)}
+            adv: list[float | None] = [float(a) for a in advantages]
             groups_dropped = 0
         else:
             groups: dict[int, list[Trajectory]] = {}
             for traj in trajs:
+                if traj.reward is not None and not math.isfinite(traj.reward):
+                    # It would make its group look uniform, and be dropped without a word.
+                    raise ValueError(f"train_step: trajectory {traj.traj_id} has reward {traj.reward}")
                 groups.setdefault(traj.group_id, []).append(traj)
             by_id, result = trajectory_advantages(list(groups.values()), self.config.advantage)
+            adv = [by_id.get(t.traj_id) for t in trajs]  # None: its group carries no signal
             groups_dropped = result.groups_dropped
-        kept = [t for t in trajs if t.traj_id in by_id and t.num_response_tokens > 0]
+        for traj, a in zip(trajs, adv):
+            if a is not None and not math.isfinite(a):
+                raise ValueError(f"train_step: trajectory {traj.traj_id} has advantage {a}")
+        kept = [(t, a) for t, a in zip(trajs, adv) if a is not None and t.num_response_tokens > 0]
         dropped = {"groups_dropped": groups_dropped, "sequences_dropped": len(trajs) - len(kept)}
-        return kept, [by_id[t.traj_id] for t in kept], dropped
+        return [t for t, _ in kept], [a for _, a in kept], dropped
 
     def _check_tokens(self, traj: Trajectory) -> None:
         if not traj.prompt_tokens:

@@ -3,12 +3,13 @@
     <path>/
         config.json, tokenizer files, ...   copied from the base model (config rewritten)
         model.safetensors                   fp32 weights (sharded with an index when large)
-        optimizer.safetensors               AdamW state, one tensor per "<param>/<key>"
-        optimizer_groups.json               the optimizer's param groups
-        trainer_state.json                  version, optimizer steps, world size, config
+        trainer/optimizer.safetensors       AdamW state, one tensor per "<param>/<key>"
+        trainer/optimizer_groups.json       the optimizer's param groups
+        trainer/state.json                  version, optimizer steps, world size, config
 
-transformers and vLLM load the directory as a model. Nothing is pickled: tensors are
-safetensors, the rest JSON. `write` builds the directory in a temporary sibling and
+transformers and vLLM load the directory as a model. The trainer's own files live in a
+subdirectory because vLLM loads every top-level *.safetensors file of an unsharded model
+as weights. Nothing is pickled: tensors are safetensors, the rest JSON. `write` builds the directory in a temporary sibling and
 renames it into place, so a reader sees the old checkpoint or the new one, never a part.
 """
 
@@ -23,9 +24,10 @@ from typing import Any
 
 import torch
 
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_GROUPS = "optimizer_groups.json"
+TRAINER_DIR = "trainer"
+TRAINER_STATE = f"{TRAINER_DIR}/state.json"
+OPTIMIZER_TENSORS = f"{TRAINER_DIR}/optimizer.safetensors"
+OPTIMIZER_GROUPS = f"{TRAINER_DIR}/optimizer_groups.json"
 # Files of the base model directory that a checkpoint writes itself instead of copying.
 _OWN_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", "config.json")
 
@@ -46,6 +48,7 @@ def write(path: Path, base_model: Path, model_config: dict, weights: Mapping[str
                 shutil.copy2(item, tmp / item.name)
         (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
         save_torch_state_dict(dict(weights), tmp)
+        (tmp / TRAINER_DIR).mkdir()
         tensors, groups = _flatten_optimizer(optimizer)
         save_file(tensors, tmp / OPTIMIZER_TENSORS)
         (tmp / OPTIMIZER_GROUPS).write_text(json.dumps(groups))
@@ -98,9 +101,10 @@ def _write_atomically(path: Path, fill: Callable[[Path], None]) -> None:
     tmp.mkdir()
     try:
         fill(tmp)
-        for item in tmp.iterdir():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
+        for item in tmp.rglob("*"):
+            if item.is_file():
+                with open(item, "rb") as f:
+                    os.fsync(f.fileno())
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
