@@ -86,14 +86,18 @@ class TrainerRank(Actor):
         (`Trainer.named_weights`; dtype "bf16" or "fp32", default `weights_dtype`)."""
         return await self._run(lambda: {name: t.cpu() for name, t in self._named(dtype)})
 
-    async def weight_plan(self, bucket_bytes: int = 64 << 20) -> dict:
+    async def weight_plan(self, bucket_bytes: int | None = None) -> dict:
         """The `BucketPlan` dict of the current weights, labelled with the current version.
 
-        Computed from shapes alone (no collective, any rank answers the same)."""
-        from asystem.weights import BucketPlan
+        Computed from shapes alone (no collective, any rank answers the same). None: the
+        default bucket size of the trainer's device type (`DEFAULT_BUCKET_BYTES`)."""
+        from asystem.weight_plan import DEFAULT_BUCKET_BYTES, BucketPlan
+
+        # The layout's tensors live on the meta device: the default must come from ours.
+        size = bucket_bytes or DEFAULT_BUCKET_BYTES.get(self.trainer.device.type, DEFAULT_BUCKET_BYTES["cpu"])
 
         def plan() -> dict:
-            return BucketPlan.build(self.trainer.version, self.trainer.weight_layout(), bucket_bytes).to_dict()
+            return BucketPlan.build(self.trainer.version, self.trainer.weight_layout(), size).to_dict()
         return await self._run(plan)
 
     async def join_weight_group(self, spec: dict) -> None:
@@ -231,7 +235,7 @@ class TrainerGroup:
     async def gather_weights(self, dtype: str | None = None, timeout: float = 120.0) -> dict[str, torch.Tensor]:
         return await self._all("gather_weights", dtype, timeout=timeout)
 
-    async def weight_plan(self, bucket_bytes: int = 64 << 20, timeout: float = 30.0) -> dict:
+    async def weight_plan(self, bucket_bytes: int | None = None, timeout: float = 30.0) -> dict:
         return await self.ranks[0].ask("weight_plan", bucket_bytes, timeout=timeout)
 
     async def join_weight_group(self, spec: dict, timeout: float = 120.0) -> None:

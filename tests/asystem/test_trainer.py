@@ -420,7 +420,7 @@ async def test_two_fsdp_ranks_make_the_same_update_as_one(tiny, reference, syste
 
         # The other path: rank 0 asks an engine actor (here, in this process) bucket by bucket.
         engine = await system.spawn(StagingEngine)
-        plan = await group.weight_plan(bucket_bytes=1 << 20)
+        plan = await group.weight_plan()  # the device's default bucket size
         pushed = await group.push_weights([engine], plan, timeout=60)
         committed = await engine.ask("weights", timeout=10)
         assert pushed["version"] == 1 and committed.keys() == served.keys()
