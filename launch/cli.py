@@ -7,6 +7,8 @@ import sys
 
 from actors.runtime import configure_logging, run
 
+from . import cluster as cluster_cmd
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asystem", description=__doc__)
@@ -18,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="go on from the newest checkpoint in run.out")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. trainer.lr=1e-5 run.steps=20")
     sub.add_parser("demo", help="tour of the actor runtime with real processes")
+    cluster_cmd.add_arguments(sub.add_parser(
+        "cluster", help="run a training job over several nodes (launch/cluster.py)",
+        description="Run a training job over several nodes (docs/cluster.md): the same command on every node."))
     agent = sub.add_parser("agent", help="run a node agent (see actors/agent.py)")
     agent.add_argument("agent_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -27,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["asystem agent", *args.agent_args]
         agent_main.main()
         return 0
+    if args.command == "cluster":
+        return run(cluster_cmd.launch(args))
     if args.command == "demo":
         from .demo import demo
         return run(demo())
