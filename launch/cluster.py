@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors import Actor, ActorRef, ActorSystem
+from actors import Actor, ActorError, ActorRef, ActorSystem
 from actors.system import SYSTEM_ID
 from transport.endpoint import Heartbeat
 
@@ -341,7 +341,7 @@ class AgentProcess:
 
 
 def say(message: str) -> None:
-    """A message of the launcher on the head: printed, and in the log."""
+    """A message of the launcher on the head, for the user: on stdout, marked [cluster]."""
     print(f"[cluster] {message}", flush=True)
 
 
@@ -358,7 +358,11 @@ async def _join(system: ActorSystem, spec: NodeSpec, head_info: dict[str, Any], 
             agent = await system.lookup(f"agent/node{rank}")
             if agent is None or (rank and launcher is None):
                 continue
-            info = await launcher.ask("info", timeout=30.0) if rank else head_info
+            try:
+                info = await launcher.ask("info", timeout=30.0) if rank else head_info
+            except ActorError as exc:  # it went away meanwhile: it may come again
+                say(f"node{rank} registered but does not answer ({exc}); still waiting for it")
+                continue
             nodes[rank] = Node(f"node{rank}", rank, info["addr"], tuple(info["gpus"]), agent)
             say(f"node{rank} joined: {info['hostname']} ({info['addr']}), {len(info['gpus'])} GPUs, "
                 f"agent at {agent.address}")

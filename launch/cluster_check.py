@@ -35,9 +35,7 @@ def _weights(mb: int):
     import torch
 
     gen = torch.Generator().manual_seed(1234)
-    side = 1024
-    count = max(1, (mb << 20) // (side * side * 4))
-    return [(f"layer{i}.weight", torch.randn(side, side, generator=gen)) for i in range(count)]
+    return [(f"layer{i}.weight", torch.randn(512, 512, generator=gen)) for i in range(max(1, mb))]  # 1 MiB each
 
 
 class Probe(Actor):
