@@ -94,10 +94,14 @@ async def test_a_verifier_error_is_reported_not_retried(pool):
 
 
 async def test_a_request_outliving_its_deadline_fails_with_a_clear_error(pool):
+    # The pool is shared by the module: compare its counters before and after. On a loaded
+    # machine other requests may time out too, so only lower bounds hold for timeouts.
+    before = pool.stats()
     with pytest.raises(RewardError, match=r"custom-hangs: no reward within 1.0s after 2 attempt"):
         await pool.score(custom("hangs"), "x", timeout=1.0)
     stats = pool.stats()
-    assert stats["timeouts"] == 2 and stats["failed"] == 1
+    assert stats["timeouts"] - before.get("timeouts", 0) >= 2
+    assert stats["failed"] - before.get("failed", 0) == 1
     assert await pool.score(custom("shouting"), "OK") == 1.0  # the workers still serve
 
 

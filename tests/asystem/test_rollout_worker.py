@@ -96,13 +96,11 @@ class Progress:
     def __init__(self, ref):
         self.ref = ref
         self.chunks: dict[str, list[dict]] = defaultdict(list)
-        self.lists = 0
         self._task = asyncio.create_task(self._follow())
 
     async def _follow(self):
         async with contextlib.aclosing(self.ref.stream("progress", window=64, timeout=30)) as stream:
             async for chunks in stream:
-                self.lists += 1
                 for chunk in chunks:
                     self.chunks[chunk["request_id"]].append(chunk)
 
@@ -163,8 +161,7 @@ async def test_submitted_requests_stream_their_tokens_and_end_once(workers, prog
         assert is_greedy(model, prompt, progress.tokens(rid))
         assert set(progress.versions(rid)) == {version}
         assert sum(len(c["logprobs"]) for c in progress.chunks[rid]) == 12
-    # One decode step serves every request: chunks of several requests share a list.
-    assert progress.lists < sum(len(progress.chunks[rid]) for rid in ids)
+    # How well chunks coalesce depends on timing: benchmarks/rollout_stream.py measures it.
     stats = await ref.ask("stats")
     assert stats["finished_length"] >= 3 and stats["tokens_by_version"][str(version)] >= 36
 
