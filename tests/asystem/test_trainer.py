@@ -201,6 +201,22 @@ def test_bf16_compute_updates_fp32_master_weights(tiny, reference):
     assert torch.equal(served["model.norm.weight"], after["model.norm.weight"].bfloat16())
 
 
+def test_several_updates_per_batch_keep_theta_old(tiny, reference):
+    """ppo_epochs x minibatches optimizer steps make one policy version. theta_old stays
+    the weights the step began with, so after the first update the ratio r leaves 1 and
+    the PPO clip starts to bite."""
+    batch = with_infer_logprobs(reference, make_batch([5, 6, 4, 7, 3, 6], seed=4))
+    config = TrainerConfig(model_path=tiny, lr=3e-2, ppo_epochs=2, minibatches=2, warmup_steps=8, grad_clip=None,
+                           icepop={"eps": 0.01})
+    with trainer(config) as t:
+        first = t.train_step(batch)
+        assert (first["version"], first["optimizer_steps"]) == (1, 4)
+        assert first["lr"] == learning_rate(t.config, 3) == pytest.approx(3e-2 * 4 / 8)
+        assert first["clip_frac"] > 0
+    with trainer(TrainerConfig(model_path=tiny, lr=3e-2, icepop={"eps": 0.01})) as t:
+        assert t.train_step(batch)["clip_frac"] == 0.0, "one update from theta_old never clips"
+
+
 def test_bad_trajectories_are_refused_by_name(tiny):
     with trainer(TrainerConfig(model_path=tiny)) as t:
         unfinished = make_batch([3, 3])
