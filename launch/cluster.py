@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from actors import Actor, ActorError, ActorRef, ActorSystem
-from actors.system import SYSTEM_ID
 from transport.endpoint import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -479,19 +478,22 @@ def _node_info(spec: NodeSpec, args: argparse.Namespace) -> dict[str, Any]:
 # -- the other nodes -------------------------------------------------------------------------
 
 
-async def _wait_for_head(system: ActorSystem, spec: NodeSpec, timeout: float) -> None:
-    head = ActorRef(spec.registry, SYSTEM_ID).bind(system)
+async def _wait_for_head(system: ActorSystem, spec: NodeSpec, timeout: float) -> ActorRef:
+    """Until the head answers and its LogSink is registered (retried until `timeout`); the sink."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         try:
-            await head.ask("ping", timeout=5.0)
-            return
+            sink = await system.lookup("cluster/logs", timeout=5.0)
+            if sink is not None:
+                return sink
+            problem = "it has no log sink yet"
         except Exception as exc:  # noqa: BLE001 - not up yet, or not reachable: retried until the deadline
-            if loop.time() > deadline:
-                raise LaunchError(f"no head at {spec.registry} within {timeout:g}s ({exc}): is node rank 0 "
-                                  "running with the same ASYSTEM_SECRET?") from None
-            await asyncio.sleep(1.0)
+            problem = str(exc)
+        if loop.time() > deadline:
+            raise LaunchError(f"no head at {spec.registry} within {timeout:g}s ({problem}): is node rank 0 "
+                              "running with the same ASYSTEM_SECRET?")
+        await asyncio.sleep(1.0)
 
 
 async def run_node(spec: NodeSpec, config, secret: bytes, args: argparse.Namespace) -> int:
@@ -502,8 +504,7 @@ async def run_node(spec: NodeSpec, config, secret: bytes, args: argparse.Namespa
     agent = forwarder = None
     told = asyncio.get_running_loop().create_future()  # the head's reason to stop this node
     try:
-        await _wait_for_head(system, spec, cfg.join_timeout_s)
-        forwarder = LogForwarder(spec.name, await system.lookup("cluster/logs", timeout=30.0))
+        forwarder = LogForwarder(spec.name, await _wait_for_head(system, spec, cfg.join_timeout_s))
         agent = AgentProcess(spec, secret, forwarder.add)
         await agent.start()
         await system.spawn(NodeLauncher, _node_info(spec, args),
