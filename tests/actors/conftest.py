@@ -86,7 +86,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def new_system(**kwargs) -> ActorSystem:
-    kwargs.setdefault("default_timeout", 20.0)
+    # Generous: a child process start imports torch, which a loaded CI host may take long for.
+    kwargs.setdefault("default_timeout", 45.0)
     kwargs.setdefault("heartbeat", HEARTBEAT)
     return ActorSystem(**kwargs)
 
