@@ -139,6 +139,11 @@ class VLLMEngine:
             # attribute 'finalize_loading'") and compiles anew at every start, minutes on two
             # cores, for no throughput we could measure; on GPU, CUDA graphs pay.
             enforce_eager = on_cpu
+        if on_cpu:
+            # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill
+            # with `set_offset`, which CPU generators lack: the engine core dies
+            # ("CPU Generator does not use offset"). Whole prefills never rewind.
+            engine_args = {"enable_chunked_prefill": False, **(engine_args or {})}
         self._args = dict(
             model=str(self.model_path), dtype=self.dtype, max_num_seqs=max_batch, seed=seed,
             enable_prefix_caching=True, logprobs_mode="processed_logprobs", enforce_eager=enforce_eager,
@@ -263,7 +268,7 @@ class VLLMEngine:
             await self._abort(s)
         async with self._open:
             self._open.notify_all()  # a stream held by a pause ends too
-        await self._wait_for([s.pump for s in streams], "interrupt")
+        await self._wait_for([asyncio.shield(s.pump) for s in streams], "interrupt")  # a late one still ends
         stopped = [s for s in streams if s.ended_interrupted]  # the others finished meanwhile
         self.counters["interrupted"] += len(stopped)
         return [s.partial() for s in stopped]
@@ -360,6 +365,9 @@ class VLLMEngine:
         rid = s.request.request_id
         try:
             await self._feed(s)
+        except asyncio.CancelledError:  # abandoned or closed; whoever still reads gets an end
+            s.put(EngineError(f"VLLMEngine.generate: request {rid!r} was cancelled"))
+            raise
         except EngineError as exc:
             self.counters["failed"] += 1
             s.put(exc)
