@@ -66,12 +66,18 @@ class PromptStream:
 def _trainer_config(config: TrainConfig, model_path: Path):
     from .trainer import TrainerConfig
 
+    from .device import engine_dtype
+
+    # The engines get weights in their own precision: bf16 weights in an fp32 engine would
+    # add rounding the trainer never sees.
+    weights = "fp32" if engine_dtype(config.rollout.dtype) == "float32" else "bf16"
     fields = {"temperature": config.rollout.temperature, "total_steps": config.run.steps, "seed": config.run.seed,
-              **config.trainer, "model_path": str(model_path)}
+              "weights_dtype": weights, **config.trainer, "model_path": str(model_path)}
     return from_dict(TrainerConfig, fields, "trainer")
 
 
 def _worker_config(config: TrainConfig, model_path: Path) -> dict[str, Any]:
+    from .device import engine_dtype
     from .rollout import WorkerConfig
 
     backend = config.rollout.backend
@@ -82,7 +88,7 @@ def _worker_config(config: TrainConfig, model_path: Path) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if backend == "vllm" and config.rollout.gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization
-    return WorkerConfig(model=str(model_path), backend=backend, dtype=config.rollout.dtype,
+    return WorkerConfig(model=str(model_path), backend=backend, dtype=engine_dtype(config.rollout.dtype),
                         cpu_cores=engine_cores(config),
                         max_batch=max(config.scheduler.infer_capacity, config.task.eval_size),
                         update_mode=config.rollout.update_mode,
