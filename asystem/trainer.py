@@ -272,11 +272,17 @@ class Trainer:
         parts = [self._plan(kept[lo:hi], adv[lo:hi]) for lo, hi in _chunks(len(kept), self.config.minibatches)]
         stats = _StepStats(self.device)
 
-        with torch.no_grad():
-            old = [[self._logprobs(model, mb, stats) for mb in micro] for _, micro in parts]
-        # FSDP keeps the root's weights gathered after a forward pass, expecting a backward
-        # pass; without one they must be sharded again by hand.
-        model.reshard()
+        if self.config.ppo_epochs == 1 and self.config.minibatches == 1:
+            # One update per batch: theta_old is the weights the update starts from, so the
+            # update's own forward pass gives log p(theta_old) (detached); a separate pass
+            # would compute the same numbers again, a third of the step's time.
+            old: list[list[torch.Tensor | None]] = [[None] * len(micro) for _, micro in parts]
+        else:
+            with torch.no_grad():
+                old = [[self._logprobs(model, mb, stats) for mb in micro] for _, micro in parts]
+            # FSDP keeps the root's weights gathered after a forward pass, expecting a
+            # backward pass; without one they must be sharded again by hand.
+            model.reshard()
         recomputed = time.perf_counter()
 
         for _ in range(self.config.ppo_epochs):
@@ -452,25 +458,36 @@ class Trainer:
         No attention mask: padding is on the right and attention is causal, so it never
         reaches a real token. Logits at position j predict token j + 1.
         """
-        logits = model(input_ids=mb.input_ids, use_cache=False).logits
-        targets = mb.response_mask[:, 1:]
-        pred = logits[:, :-1][targets].float()  # [response tokens, V]
+        # Logits only from the first position that predicts a response token: the prompt's
+        # [B, P, V] logits would cost a share of the lm_head's time and most of the memory.
+        length = mb.input_ids.shape[1]
+        first = int(mb.response_mask.float().argmax(dim=1).min()) - 1 if mb.indices else 0
+        first = max(first, 0)
+        keep = torch.arange(first, length - 1, device=mb.input_ids.device)
+        logits = model(input_ids=mb.input_ids, use_cache=False, logits_to_keep=keep).logits
+        targets = mb.response_mask[:, first + 1:]
+        pred = logits[targets].float()  # [response tokens, V]
         if self.config.temperature != 1.0:
             pred = pred / self.config.temperature
         log_z = pred.logsumexp(dim=-1)
-        token_logp = pred.gather(-1, mb.input_ids[:, 1:][targets][:, None]).squeeze(-1) - log_z
+        token_logp = pred.gather(-1, mb.input_ids[:, first + 1:][targets][:, None]).squeeze(-1) - log_z
         if stats is not None:
-            stats.observe_old(pred, log_z, mb)
+            stats.observe_old(pred.detach(), log_z.detach(), mb)
         zeros = torch.zeros(mb.response_mask.shape, dtype=torch.float32, device=self.device)
         return zeros.masked_scatter(mb.response_mask, token_logp)
 
-    def _update(self, model, totals: BatchTotals, micro: list[MicroBatch], old: list[torch.Tensor],
+    def _update(self, model, totals: BatchTotals, micro: list[MicroBatch], old: list[torch.Tensor | None],
                 stats: _StepStats) -> None:
-        """Accumulate the gradient of the batch loss over the micro-batches; one AdamW step."""
+        """Accumulate the gradient of the batch loss over the micro-batches; one AdamW step.
+        An `old` entry None: theta_old is the current weights (see `train_step`)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for mb, old_logp in zip(micro, old):
-            logp = self._logprobs(model, mb)
+            if old_logp is None:  # on-policy: this pass is theta_old's (see train_step)
+                logp = self._logprobs(model, mb, stats)
+                old_logp = logp.detach()
+            else:
+                logp = self._logprobs(model, mb)
             loss, metrics = icepop_loss(logp, old_logp, mb.infer_logprobs, mb.advantages,
                                         mb.response_mask, self.config.icepop)
             share = loss_share(self.config.icepop.aggregation, mb.response_mask, totals)

@@ -11,7 +11,8 @@ precision: transformers' model without FSDP, one forward and backward pass of
 16 sequences of about 100 tokens (prompt 20, responses 60-100) in one micro-batch. The
 ratio trainer / baseline is the price of the theta_old pass, IcePop and FSDP.
 
-Each configuration runs a warm-up step, then `--steps` timed steps; the median counts.
+Each configuration runs a warm-up step (unless `--no-warmup`), then `--steps` timed
+steps; the median counts.
 Contender and baseline alternate step by step, so load from other processes on a shared
 machine hits both alike.
 
@@ -89,13 +90,14 @@ class PlainStep:
         return time.perf_counter() - started
 
 
-def run(model_path: str, dtype: str, batch: list[Trajectory], steps: int) -> dict:
+def run(model_path: str, dtype: str, batch: list[Trajectory], steps: int, warmup: bool) -> dict:
     trainer = Trainer(TrainerConfig(model_path=model_path, dtype=dtype, lr=1e-6, micro_batch_tokens=4096))
     trainer.setup("127.0.0.1", free_port(), timeout_s=120)
     plain = PlainStep(model_path, dtype, batch)
     try:
-        trainer.train_step(batch)  # warm-up
-        plain.step()
+        if warmup:
+            trainer.train_step(batch)
+            plain.step()
         ours, base, recompute, update = [], [], [], []
         for _ in range(steps):
             metrics = trainer.train_step(batch)
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--no-warmup", action="store_true", help="time the first step too")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +128,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     batch = make_batch(args.sequences, AutoConfig.from_pretrained(model_path).vocab_size)
-    results = [run(model_path, dtype, batch, args.steps) for dtype in args.dtypes]
+    results = [run(model_path, dtype, batch, args.steps, not args.no_warmup) for dtype in args.dtypes]
 
     print(f"{args.model}: {args.sequences} sequences, {results[0]['tokens']} response tokens "
           f"(+{PROMPT_TOKENS} prompt tokens each), {torch.get_num_threads()} threads, median of {args.steps}")
