@@ -38,8 +38,33 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
+        _seed_default_dicts(cls, data, key.strip())
         _set_dotted(data, key.strip(), _parse_value(raw))
     return from_dict(cls, data)
+
+
+def _seed_default_dicts(cls: type, data: dict[str, Any], key: str) -> None:
+    """An override inside a dict-valued field (`task.source.verifier=...`) changes that key
+    of the field's current value, the default when the YAML left it out, instead of
+    replacing the whole dict with a one-key dict."""
+    parts = key.split(".")
+    node, owner = data, cls
+    for i, part in enumerate(parts[:-1]):
+        fields = {f.name: f for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else {}
+        field = fields.get(part)
+        if field is None:
+            return  # from_dict names the unknown key
+        hint = typing.get_type_hints(owner)[part]
+        if dataclasses.is_dataclass(hint):
+            node, owner = node.setdefault(part, {}), hint
+            if not isinstance(node, dict):
+                return
+            continue
+        if part not in node and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+            if isinstance(default, dict):
+                node[part] = default
+        return
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

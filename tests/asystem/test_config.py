@@ -29,6 +29,17 @@ def test_yaml_and_overrides_compose(tmp_path):
     assert isinstance(config.run.minutes, type(None))
 
 
+def test_an_override_inside_a_default_dict_changes_one_key():
+    config = load_config(TrainConfig, None, ["task.source.verifier=pkg.mod:fn", "task.source.config.min_digits=2",
+                                             "trainer.micro_batch_tokens=1024"])
+    assert config.task.source["verifier"] == "pkg.mod:fn"
+    assert config.task.source["name"] == "basic_arithmetic" and config.task.source["config"]["min_digits"] == 2
+    assert config.trainer == {**TrainConfig().trainer, "micro_batch_tokens": 1024}  # lr and dtype kept
+    # A whole mapping still replaces the default.
+    assert load_config(TrainConfig, None, ["task.source={kind: jsonl, path: a.jsonl}"]).task.source == {
+        "kind": "jsonl", "path": "a.jsonl"}
+
+
 def test_int_where_float_is_expected_is_accepted():
     config = load_config(TrainConfig, None, ["rollout.temperature=1"])
     assert config.rollout.temperature == 1.0 and isinstance(config.rollout.temperature, float)
