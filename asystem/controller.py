@@ -481,6 +481,12 @@ class Controller:
         self.last_record = {"step": self.step, **record}
         if self.view is not None:
             self.view.update(self.last_record)
+        else:
+            log.info("step %d: reward %.3f, %d trajectories, %.1f tokens/s, masked %.4f, staleness %.2f, "
+                     "%.1fs (generation %.1fs, training %.1fs, sync %.1fs)", self.step, record["reward/mean"],
+                     len(trajs), record["rollout/tokens_per_s"], record.get("train/masked_frac", 0.0),
+                     record["staleness/mean"], figures["time/step"], figures["time/generation"],
+                     figures["time/training"], figures["time/sync"])
 
     def _status(self) -> None:
         """One line on the step in progress, every few seconds (the first step can take minutes)."""

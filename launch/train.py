@@ -33,6 +33,9 @@ def main(config_name: str | None, resume: bool, overrides: list[str]) -> int:
         config = load_config(TrainConfig, recipe_path(config_name), [*overrides, *(["run.resume=true"] if resume else [])])
     except ConfigError as exc:
         raise SystemExit(f"asystem train: {exc}") from None
+    if not config.run.live and not logging.getLogger().isEnabledFor(logging.INFO):
+        # Without the live display the job's progress lines are its only output.
+        logging.getLogger("asystem").setLevel(logging.INFO)
     code = run(_train(train, config))
     return code
 
