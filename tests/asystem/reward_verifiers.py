@@ -33,3 +33,9 @@ def dies_once(item, response: str) -> float:
 async def hangs(item, response: str) -> float:
     await asyncio.sleep(60)
     return 1.0
+
+
+def spaces(item, response: str) -> float:
+    """A reward any model can learn from its own samples: the share of an 8-token reply's
+    tokens that start a word (SmolLM2's vocabulary: a bit under half of its tokens)."""
+    return min(1.0, response.count(" ") / 8)
