@@ -17,8 +17,10 @@ the other on this machine:
   response length so that a step holds about the same number of samples (its own count
   is used for its figures).
 
-The first step of each run is a warm-up and is left out; start-up and asystem's held-out
-evaluations are not timed. samples/s = trajectories trained / wall time of the timed
+Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
+first step left out would hide the generation of the batches that later steps train from
+its backlog (a 2-step run then showed a meaningless overlap of 0.44). Start-up and
+asystem's held-out evaluations are not timed. samples/s = trajectories trained / wall time of the timed
 steps (asystem: the sum of `time/step` in metrics.jsonl, the time between two weight
 versions; TRL: the time between the ends of consecutive steps).
 
@@ -32,7 +34,7 @@ The machine has 2 cores and may be shared: the load average is printed at the st
 between the contenders and at the end; read the figures against it.
 
     .venv/bin/python benchmarks/vs_trl.py                 # 6 timed steps each, about 10 minutes
-    .venv/bin/python benchmarks/vs_trl.py --quick         # 2 timed steps each
+    .venv/bin/python benchmarks/vs_trl.py --quick         # 4 steps each
     .venv/bin/python benchmarks/vs_trl.py --model tiny --steps 2 --no-c3po   # a smoke run
 
 The last output line is one JSON object: `samples_per_s_ratio_vs_trl` (asystem's default
@@ -94,7 +96,7 @@ def trl_dataset(model_path: Path, prompts: int):
 
 
 def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: int, out: Path) -> dict[str, Any]:
-    """`steps` GRPOTrainer steps of `samples` completions each; the first is the warm-up."""
+    """`steps` GRPOTrainer steps of `samples` completions each, all timed."""
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -129,10 +131,10 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
     step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     if len(step_s) != steps or len(logs) != steps:
         raise RuntimeError(f"TRL: expected {steps} steps, saw {len(step_s)} step ends and {len(logs)} logs")
-    timed = step_s[1:]
+    timed = step_s
     return {"samples_per_s": samples * len(timed) / sum(timed), "step_s": timed,
-            "reward_mean": statistics.mean(r["reward"] for r in logs[1:]),
-            "mean_length": statistics.mean(r["completions/mean_length"] for r in logs[1:])}
+            "reward_mean": statistics.mean(r["reward"] for r in logs),
+            "mean_length": statistics.mean(r["completions/mean_length"] for r in logs)}
 
 
 # -- asystem -------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
 def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
                 token_budget: int | None = None) -> dict[str, Any]:
     """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
-    with `token_budget`; the first step is the warm-up."""
+    with `token_budget`; all timed."""
     overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
                  f"rollout.temperature={TEMPERATURE}", f"trainer.lr={LR}", f"trainer.weight_decay={WEIGHT_DECAY}",
                  "rollout.start_timeout_s=900",  # start-up is not timed: a loaded host may be slow
@@ -156,7 +158,7 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step" in r]
     if len(records) != steps or summary.get("steps") != steps:
         raise RuntimeError(f"asystem: expected {steps} steps, metrics.jsonl holds {len(records)}")
-    timed = records[1:]
+    timed = records
     step_s = [r["time/step"] for r in timed]
     trained = sum(r["batch/trajectories"] for r in timed)
 
@@ -190,25 +192,25 @@ def row(name: str, r: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per contender (plus one warm-up step)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per contender")
     parser.add_argument("--samples", type=int, default=16, help="samples (completions) per step")
     parser.add_argument("--group", type=int, default=4, help="G: completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
-    parser.add_argument("--quick", action="store_true", help="2 timed steps per contender")
+    parser.add_argument("--quick", action="store_true", help="4 steps per contender")
     args = parser.parse_args()
     if args.quick:
-        args.steps = 2
+        args.steps = 4
     if args.samples % args.group:
         parser.error(f"--samples ({args.samples}) must be a multiple of --group ({args.group})")
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")  # we use TRL without vLLM
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("asystem.job").setLevel(logging.INFO)  # start-up and evaluation progress
-    shape = dict(samples=args.samples, group=args.group, max_tokens=args.max_tokens, steps=args.steps + 1)
+    shape = dict(samples=args.samples, group=args.group, max_tokens=args.max_tokens, steps=args.steps)
     model_path = resolve_model(args.model)
     loads = [load()]
     say(f"{args.model}: {args.samples} samples/step, G={args.group}, {args.max_tokens} new tokens, "
-        f"1 warm-up + {args.steps} timed steps; {os.cpu_count()} cores, {loads[0]}")
+        f"{args.steps} timed steps; {os.cpu_count()} cores, {loads[0]}")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp:
         say("TRL GRPOTrainer...")
