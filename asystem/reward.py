@@ -18,7 +18,8 @@ Failures, and what the pool does (each counted in `stats()` and logged):
 
 - the worker died (its process crashed or was killed): the request is retried on another
   worker, up to `attempts` tries within the request's deadline, and the dead worker is
-  replaced in the background (`worker_deaths`, `retries`, `respawns`);
+  replaced in the background as soon as its process or node is lost, busy or idle
+  (`worker_deaths`, `retries`, `respawns`);
 - the worker did not answer in time (each try gets an equal share of what is left of the
   deadline) or its mailbox stayed full: the next try goes to another worker (`timeouts`,
   `busy`). A worker whose event loop is stuck keeps its place: the
@@ -182,12 +183,29 @@ class RewardPool:
                 await self.close()
                 raise ref
             slot.ref = ref
+            self._watch(slot)
         return self
 
     async def _spawn(self, index: int) -> ActorRef:
         where, env = self.where(index) if callable(self.where) else (self.where, None)
         return await self.system.spawn(RewardWorker, *self._worker_args, where=where, env=env,
                                        timeout=self.spawn_timeout)
+
+    def _watch(self, slot: _Slot) -> None:
+        """Replace the worker as soon as its process (or node) is lost, not only when a
+        request to it fails: an idle worker that died would otherwise be found out by the
+        next request, or never if that request timed out."""
+        ref = slot.ref
+        if ref is None or ref.address == self.system.address:
+            return  # in this process: it dies with us
+
+        def lost(fut: asyncio.Future) -> None:
+            if slot.ref is ref and slot.respawning is None and not self._closed and not fut.cancelled():
+                self.counters["worker_deaths"] += 1
+                log.warning("reward pool: worker %d at %s is lost (%s); starting it again",
+                            slot.index, ref.address, fut.result())
+                self._respawn(slot)
+        self.system.when_lost(ref.address).add_done_callback(lost)
 
     async def score(self, item: TaskItem, response: str, timeout: float | None = None) -> float:
         """The reward for `response`, within `timeout` seconds (default: the pool's)."""
@@ -209,18 +227,20 @@ class RewardPool:
             if attempt > 1:
                 self.counters["retries"] += 1
             slot.in_flight += 1
+            asked = slot.ref
             try:
                 share = left / (self.attempts - attempt + 1)  # leave time for the tries after
-                reward = await slot.ref.ask("score", payload, response, timeout=share)
+                reward = await asked.ask("score", payload, response, timeout=share)
             except RemoteError as exc:
                 self.counters["verifier_errors"] += 1
                 raise RewardError(f"{item.item_id}: verifier {item.verifier} raised on "
                                   f"{slot.ref}: {exc}") from None
             except ActorDeadError as exc:
-                self.counters["worker_deaths"] += 1
                 cause = f"worker {slot.index} died ({exc})"
                 log.warning("reward pool: %s while scoring %s; retrying elsewhere", cause, item.item_id)
-                self._respawn(slot)
+                if slot.ref is asked and slot.respawning is None:  # not yet seen by _watch
+                    self.counters["worker_deaths"] += 1
+                    self._respawn(slot)
                 continue
             except (AskTimeout, MailboxFullError) as exc:
                 self.counters["timeouts" if isinstance(exc, AskTimeout) else "busy"] += 1
@@ -276,6 +296,7 @@ class RewardPool:
                 try:
                     slot.ref = await self._spawn(slot.index)
                     self.counters["respawns"] += 1
+                    self._watch(slot)
                     return
                 except Exception as exc:  # noqa: BLE001 - logged, counted, retried
                     self.counters["respawn_failures"] += 1

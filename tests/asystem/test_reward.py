@@ -105,14 +105,31 @@ async def test_a_request_outliving_its_deadline_fails_with_a_clear_error(pool):
     assert await pool.score(custom("shouting"), "OK") == 1.0  # the workers still serve
 
 
+async def test_an_idle_worker_that_dies_is_replaced_without_waiting_for_a_request(pool):
+    """Its process is killed while it scores nothing: the pool sees the process lost and
+    starts another, before any request would have found it dead."""
+    before = pool.stats()
+    workers = [p for p in psutil.Process().children() if "actors.process" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[0].kill()
+    await eventually(lambda: pool.stats().get("respawns", 0) == before.get("respawns", 0) + 1,
+                     timeout=60, what="the idle worker started again")
+    assert pool.stats()["worker_deaths"] == before.get("worker_deaths", 0) + 1
+    assert pool.stats().get("retries", 0) == before.get("retries", 0)  # no request met it
+    assert len(await pool.worker_stats()) == 2
+
+
 async def test_a_dead_workers_request_is_retried_and_the_worker_replaced(pool, tmp_path):
     item = custom("dies_once", marker=str(tmp_path / "died"))
+    before = pool.stats()
     assert await pool.score(item, "x") == 1.0
     dead_pid = int((tmp_path / "died").read_text())
     assert not psutil.pid_exists(dead_pid) or psutil.Process(dead_pid).status() == psutil.STATUS_ZOMBIE
     stats = pool.stats()
-    assert stats["worker_deaths"] == 1 and stats["retries"] >= 1
-    await eventually(lambda: pool.stats().get("respawns") == 1, timeout=60, what="a new worker")
+    assert stats["worker_deaths"] == before.get("worker_deaths", 0) + 1
+    assert stats["retries"] >= before.get("retries", 0) + 1
+    await eventually(lambda: pool.stats().get("respawns") == before.get("respawns", 0) + 1, timeout=60,
+                     what="a new worker")
     assert len(await pool.worker_stats()) == 2
     assert await pool.score_many([(custom("shouting"), "YES")] * 4) == [1.0] * 4
 
