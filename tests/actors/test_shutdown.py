@@ -101,7 +101,10 @@ async def start_script(tmp_path, pythonpath):
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(script), env={**os.environ, "PYTHONPATH": pythonpath},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        start_new_session=True)  # its own process group, as a shell job would have
+        start_new_session=True,  # its own process group, as a shell job would have
+        # A shell starts background jobs with SIGINT ignored, and children inherit that:
+        # under `./.ci/run &` the script would never see the Ctrl-C this test sends.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 40)
     except BaseException:

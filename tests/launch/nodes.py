@@ -33,8 +33,11 @@ class SimNode:
         cmd = [sys.executable, "-m", "launch.cluster", "--nnodes", str(nnodes), "--node-rank", str(rank),
                "--head", f"127.0.0.1:{port}", "--addr", f"127.0.0.{rank + 1}", *args]
         with open(self.log, "w") as out:
+            # SIGINT as by default even when pytest runs as a background job (which a shell
+            # starts with SIGINT ignored, inherited): the Ctrl-C tests send it.
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.seen: set[int] = {self.proc.pid}
 
     def text(self) -> str:
