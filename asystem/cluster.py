@@ -184,7 +184,7 @@ class RewardPlacer:
 async def start_placed_fleet(system: ActorSystem, config: TrainConfig, model_path, resume, cluster: Cluster):
     """`asystem.job.start_fleet` on the cluster's nodes: see the module docstring."""
     from .controller import Fleet
-    from .job import _trainer_config, _worker_config, trainer_threads
+    from .job import _trainer_config, _worker_config, start_together, trainer_threads
     from .reward import RewardPool
     from .trainer_ranks import TrainerGroup
 
@@ -202,18 +202,11 @@ async def start_placed_fleet(system: ActorSystem, config: TrainConfig, model_pat
     rewards = RewardPool(system, workers=config.reward.workers, timeout=config.reward.timeout_s,
                          where=RewardPlacer(placement, cluster.report))
     worker_cfg = _worker_config(config, model_path)
-    started = await asyncio.gather(
-        *(supervisor.ask("start_worker", worker_cfg, timeout, timeout=timeout + 30.0)
-          for _ in range(config.rollout.workers)),
+    workers, trainers = await start_together(
+        supervisor, worker_cfg, config.rollout.workers, timeout, rewards,
         TrainerGroup.start(system, _trainer_config(config, model_path), world_size=config.trainer_ranks,
                            timeout_s=timeout, torch_threads=trainer_threads(config), slots=planned["trainer"],
-                           master_addr=rank0.node.host, master_port=master_port),
-        rewards.start(),
-        return_exceptions=True)
-    failed = next((s for s in started if isinstance(s, BaseException)), None)
-    if failed is not None:
-        raise failed
-    workers, trainers = list(started[:config.rollout.workers]), started[config.rollout.workers]
+                           master_addr=rank0.node.host, master_port=master_port))
     for rank, ref in enumerate(trainers.ranks):
         _watch_trainer(system, rank, ref, placement, cluster)
     cluster.report("started: " + "; ".join(f"{role} {i} at {ref.address}" for role, refs in

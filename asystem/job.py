@@ -11,6 +11,7 @@ checkpoints/. With `run.resume` it goes on from the newest checkpoint there.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -95,6 +96,20 @@ def _worker_config(config: TrainConfig, model_path: Path) -> dict[str, Any]:
                         start_timeout_s=config.rollout.start_timeout_s, engine_options=options).to_dict()
 
 
+async def start_together(supervisor, worker_cfg: dict[str, Any], workers: int, timeout: float, rewards,
+                         trainer_start) -> tuple[list, Any]:
+    """Start `workers` rollout workers (through `supervisor`), the trainer group
+    (`trainer_start`, a coroutine) and the reward pool at once, each within its deadline;
+    the first failure is raised. Returns the worker refs and the trainer group."""
+    started = await asyncio.gather(
+        *(supervisor.ask("start_worker", worker_cfg, timeout, timeout=timeout + 30.0) for _ in range(workers)),
+        trainer_start, rewards.start(), return_exceptions=True)
+    failed = next((s for s in started if isinstance(s, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return list(started[:workers]), started[workers]
+
+
 def engine_cores(config: TrainConfig) -> list[int] | None:
     """The cores the engines compute on in a CPU job (None: no pinning); see RolloutConfig."""
     from .device import on_gpu
@@ -122,8 +137,6 @@ async def start_fleet(system: ActorSystem, config: TrainConfig, model_path: Path
                       cluster=None) -> Fleet:
     """Start the rollout workers, the trainer ranks and the reward pool, all at once: on this
     host, or placed on the nodes of `cluster` (asystem/cluster.py)."""
-    import asyncio
-
     if cluster is not None:
         from .cluster import start_placed_fleet
 
@@ -136,17 +149,10 @@ async def start_fleet(system: ActorSystem, config: TrainConfig, model_path: Path
     worker_cfg = _worker_config(config, model_path)
     timeout = config.rollout.start_timeout_s
     rewards = RewardPool(system, workers=config.reward.workers, timeout=config.reward.timeout_s)
-    started = await asyncio.gather(
-        *(supervisor.ask("start_worker", worker_cfg, timeout, timeout=timeout + 30.0)
-          for _ in range(config.rollout.workers)),
+    workers, trainers = await start_together(
+        supervisor, worker_cfg, config.rollout.workers, timeout, rewards,
         TrainerGroup.start(system, _trainer_config(config, model_path), world_size=config.trainer_ranks,
-                           timeout_s=timeout, torch_threads=trainer_threads(config)),
-        rewards.start(),
-        return_exceptions=True)
-    failed = next((s for s in started if isinstance(s, BaseException)), None)
-    if failed is not None:
-        raise failed
-    workers, trainers = list(started[:config.rollout.workers]), started[config.rollout.workers]
+                           timeout_s=timeout, torch_threads=trainer_threads(config)))
     if resume is not None:
         await trainers.load_checkpoint(resume / checkpoint.TRAINER_DIR, timeout=1800.0)
     return Fleet(workers=workers, trainers=trainers, rewards=rewards)
