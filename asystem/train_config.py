@@ -89,7 +89,7 @@ class WeightsConfig:
     transport: str = "group"
     """"group" (torch.distributed broadcast: NCCL on GPU, gloo on CPU) or "zmq"."""
     bucket_mb: int | None = None
-    """Broadcast bucket size; None: the device's default (1 MiB on CPU, 64 MiB on CUDA)."""
+    """Broadcast bucket size; None: the device's default (32 MiB on CPU, 64 MiB on CUDA)."""
     timeout_s: float = 120.0
 
 

@@ -24,12 +24,14 @@ import torch
 ALIGN = 64  # byte alignment of every tensor in a bucket: dtype views need it, caches like it
 MAX_TENSORS = 1 << 20  # a plan from the network never makes a receiver loop or allocate without bound
 MAX_NDIM = 64
-# Bucket size by device type (benchmarks/broadcast.py). On CPU, 1 MiB: every tensor of a
-# MiB or more goes from its own memory, without a copy, and the rest is packed; bigger
-# buckets pack more (a memcpy competing for the cores the transfer needs), smaller ones pay
-# more per-collective overhead. On CUDA packing is a device copy and each collective has a
-# launch cost, so buckets are large (not measured here: no GPU on the build machines).
-DEFAULT_BUCKET_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
+# Bucket size by device type. On CPU, 32 MiB: benchmarks/weights.py (SmolLM2 bf16, 269 MB
+# into vLLM-CPU on 2 cores) measured transfer / raw broadcast at 1.78 with 1 MiB buckets
+# (152 collectives, every tensor of a MiB or more sent from its own memory), 1.73 with 8,
+# 1.27 with 32, 1.28 with 64 and 1.65 with 128 (too few buckets to overlap packing with
+# sending): each collective costs about half a millisecond, more than packing its bytes.
+# On CUDA packing is a device copy and each collective has a launch cost, so buckets are
+# large (not measured here: no GPU on the build machines).
+DEFAULT_BUCKET_BYTES = {"cpu": 32 << 20, "cuda": 64 << 20}
 
 DTYPES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype
