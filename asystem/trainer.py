@@ -54,9 +54,12 @@ from ring.batching import (
     BatchTotals,
     MicroBatch,
     collate,
+    collate_rows,
     loss_share,
     micro_batches,
+    row_length,
     sequence_length,
+    shared_prompt_rows,
     step_plan,
 )
 from ring.icepop import IcePopConfig, icepop_loss
@@ -94,7 +97,11 @@ class TrainerConfig:
     weights_dtype: str = "bf16"
     """Precision of the tensors `named_weights` hands to the engines ("bf16" for vLLM, or "fp32")."""
     micro_batch_tokens: int = 4096
-    """Most padded positions (sequences x longest length) in one forward/backward pass."""
+    """Most padded positions (rows x longest row) in one forward/backward pass."""
+    share_prompts: bool = True
+    """Sequences with the same prompt (a group's responses) share one row of the forward
+    pass, the prompt computed once (`ring/batching.py`); the same log-probabilities, fewer
+    positions. False: one row per sequence."""
     ppo_epochs: int = 1
     """Passes over each batch. theta_old stays the weights the step started with."""
     minibatches: int = 1
@@ -317,7 +324,7 @@ class Trainer:
         result: list[list[float]] = [[] for _ in trajs]
         with torch.no_grad():
             for indices in micro_batches([sequence_length(t) for t in trajs], self.config.micro_batch_tokens):
-                mb = _to_device(collate(trajs, [0.0] * len(trajs), indices), self.device)
+                mb = collate(trajs, [0.0] * len(trajs), indices).to(self.device)
                 logp = self._logprobs(model, mb).cpu()
                 mask = mb.response_mask.cpu()
                 for row, i in enumerate(indices):
@@ -448,29 +455,46 @@ class Trainer:
                              f"got {min(ids)}..{max(ids)}")
 
     def _plan(self, trajs: list[Trajectory], adv: list[float]) -> tuple[BatchTotals, list[MicroBatch]]:
-        plan = step_plan([sequence_length(t) for t in trajs], self.world_size, self.config.micro_batch_tokens)
-        return BatchTotals.of(trajs), [_to_device(collate(trajs, adv, indices), self.device)
-                                       for indices in plan[self.rank]]
+        budget = self.config.micro_batch_tokens
+        if self.config.share_prompts:
+            rows = shared_prompt_rows([t.prompt_tokens for t in trajs], [t.num_response_tokens for t in trajs], budget)
+        else:
+            rows = [[i] for i in range(len(trajs))]
+        plan = step_plan([row_length(trajs, row) for row in rows], self.world_size, budget)
+        return BatchTotals.of(trajs), [collate_rows(trajs, adv, [rows[r] for r in mb_rows]).to(self.device)
+                                       for mb_rows in plan[self.rank]]
 
     def _logprobs(self, model, mb: MicroBatch, stats: _StepStats | None = None) -> torch.Tensor:
         """[B, L] fp32 log p(token j | tokens < j) at response positions, 0 elsewhere.
 
-        No attention mask: padding is on the right and attention is causal, so it never
-        reaches a real token. Logits at position j predict token j + 1.
+        One row per sequence: no attention mask, since padding is on the right and attention
+        is causal, so it never reaches a real token; logits at position j predict token j + 1.
+        Rows that share a prompt (`mb.packed`) run with their own positions and mask, and
+        `packed.source` says which logits predict which token.
         """
-        # Logits only from the first position that predicts a response token: the prompt's
-        # [B, P, V] logits would cost a share of the lm_head's time and most of the memory.
-        length = mb.input_ids.shape[1]
-        first = int(mb.response_mask.float().argmax(dim=1).min()) - 1 if mb.indices else 0
-        first = max(first, 0)
-        keep = torch.arange(first, length - 1, device=mb.input_ids.device)
-        logits = model(input_ids=mb.input_ids, use_cache=False, logits_to_keep=keep).logits
-        targets = mb.response_mask[:, first + 1:]
-        pred = logits[targets].float()  # [response tokens, V]
+        targets = mb.input_ids[mb.response_mask]  # [response tokens], row-major
+        packed = mb.packed
+        if packed is None:
+            # Logits only from the first position that predicts a response token: the
+            # prompt's [B, P, V] logits would cost a share of the lm_head's time and most
+            # of the memory.
+            length = mb.input_ids.shape[1]
+            first = int(mb.response_mask.float().argmax(dim=1).min()) - 1 if mb.indices else 0
+            first = max(first, 0)
+            keep = torch.arange(first, length - 1, device=mb.input_ids.device)
+            logits = model(input_ids=mb.input_ids, use_cache=False, logits_to_keep=keep).logits
+            pred = logits[mb.response_mask[:, first + 1:]]  # [response tokens, V]
+        else:
+            first = int(packed.source[:, 1].min())
+            keep = torch.arange(first, packed.input_ids.shape[1], device=packed.input_ids.device)
+            logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                           attention_mask=packed.attention_mask, use_cache=False, logits_to_keep=keep).logits
+            pred = logits[packed.source[:, 0], packed.source[:, 1] - first]
+        pred = pred.float()
         if self.config.temperature != 1.0:
             pred = pred / self.config.temperature
         log_z = pred.logsumexp(dim=-1)
-        token_logp = pred.gather(-1, mb.input_ids[:, first + 1:][targets][:, None]).squeeze(-1) - log_z
+        token_logp = pred.gather(-1, targets[:, None]).squeeze(-1) - log_z
         if stats is not None:
             stats.observe_old(pred.detach(), log_z.detach(), mb)
         zeros = torch.zeros(mb.response_mask.shape, dtype=torch.float32, device=self.device)
@@ -565,7 +589,7 @@ class _StepStats:
         self.entropy_sum += float(-(log_p.exp() * log_p).sum())
         self.tokens += mb.num_tokens
         self.sequences += len(mb.indices)
-        self.positions += mb.input_ids.numel() if mb.indices else 0
+        self.positions += mb.positions
 
     def observe_loss(self, metrics: dict[str, float]) -> None:
         n = metrics["num_tokens"]
@@ -623,13 +647,6 @@ def _load_model(path: str) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
     return model
-
-
-def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
-    if device.type == "cpu":
-        return mb
-    return MicroBatch(mb.input_ids.to(device), mb.response_mask.to(device), mb.infer_logprobs.to(device),
-                      mb.advantages.to(device), mb.indices)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,45 @@ batch without talking to the others.
 - `step_plan` pads every rank to the same number of micro-batches with empty ones: under
   FSDP every forward and backward is a collective, so all ranks must run as many.
 - `loss_share` makes micro-batch losses add up to the loss of the whole batch.
+
+Shared prompts. The G responses of a group share one prompt; computed separately, the
+prompt's positions are computed G times (on short answers to long prompts, most of the
+pass). `shared_prompt_rows` puts sequences with the same prompt into one row, laid out
+as the prompt once followed by each response; `collate_rows` builds that row with
+position ids that restart each response after the prompt and an attention mask that lets
+each response see the prompt and itself only (`Packed`), so every token gets the same
+logits as in a row of its own. The planning functions then plan rows instead of
+sequences: `step_plan` takes row lengths.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from ring.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The forward pass of a micro-batch whose rows hold several sequences sharing a prompt.
+
+    A row is `prompt, response_1, response_2, ...`, right-padded. The logits at position
+    `source[n]` predict the n-th response token of the micro-batch (in the row-major order
+    of `MicroBatch.response_mask`).
+    """
+
+    input_ids: torch.Tensor
+    """[R, W] int64."""
+    position_ids: torch.Tensor
+    """[R, W] int64: 0.. over the prompt, then each response continues from the prompt's end."""
+    attention_mask: torch.Tensor
+    """[R, 1, W, W] bool, True where query position i may attend to key position j: causal,
+    and a response sees the prompt and its own earlier tokens only. Padding sees itself."""
+    source: torch.Tensor
+    """[N, 2] int64: (row, position) of the logits that predict each response token."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +78,29 @@ class MicroBatch:
     """[B] float32: one advantage per sequence, for all its tokens."""
     indices: tuple[int, ...]
     """Positions of these sequences in the list given to `collate`."""
+    packed: Packed | None = None
+    """How to run the forward pass when rows share prompts (`collate_rows`); None: one row
+    per sequence, the tensors above."""
 
     @property
     def num_tokens(self) -> int:
         """Response tokens in this micro-batch."""
         return int(self.response_mask.sum())
+
+    @property
+    def positions(self) -> int:
+        """Positions the forward pass computes, padding included (0 for a placeholder)."""
+        if not self.indices:
+            return 0
+        return (self.packed.input_ids if self.packed is not None else self.input_ids).numel()
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """The same micro-batch with every tensor on `device`."""
+        packed = self.packed
+        if packed is not None:
+            packed = Packed(*(getattr(packed, f.name).to(device) for f in fields(Packed)))
+        return MicroBatch(self.input_ids.to(device), self.response_mask.to(device),
+                          self.infer_logprobs.to(device), self.advantages.to(device), self.indices, packed)
 
 
 @dataclass(frozen=True)
@@ -74,6 +121,36 @@ class BatchTotals:
 def sequence_length(traj: Trajectory) -> int:
     """Positions in the forward pass: prompt plus response tokens."""
     return len(traj.prompt_tokens) + len(traj.response_tokens)
+
+
+def shared_prompt_rows(prompts: Sequence[Sequence[int]], response_lengths: Sequence[int],
+                       max_tokens: int) -> list[list[int]]:
+    """Rows of sequence indices whose prompts are identical, each row at most `max_tokens`
+    positions (its prompt once plus its responses) unless one sequence alone is longer.
+
+    Rows come in the order of their first sequence; within a row, longest response first
+    (index order on ties). Deterministic.
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    rows: list[list[int]] = []
+    for prompt, members in by_prompt.items():
+        row: list[int] = []
+        size = len(prompt)
+        for i in sorted(members, key=lambda i: (-response_lengths[i], i)):
+            if row and size + response_lengths[i] > max_tokens:
+                rows.append(row)
+                row, size = [], len(prompt)
+            row.append(i)
+            size += response_lengths[i]
+        rows.append(row)
+    return rows
+
+
+def row_length(trajectories: Sequence[Trajectory], row: Sequence[int]) -> int:
+    """Positions of a row: the (shared) prompt once, plus every response."""
+    return len(trajectories[row[0]].prompt_tokens) + sum(len(trajectories[i].response_tokens) for i in row)
 
 
 def shard(lengths: Sequence[int], world_size: int) -> list[list[int]]:
@@ -117,6 +194,9 @@ def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 def step_plan(lengths: Sequence[int], world_size: int, max_tokens: int) -> list[list[list[int]]]:
     """`plan[rank]` = that rank's micro-batches (lists of indices into `lengths`).
 
+    `lengths` are those of sequences, or of rows (`shared_prompt_rows`, `row_length`):
+    the plan then holds row indices.
+
     Every rank gets the same number of micro-batches; ranks with fewer real ones get empty
     lists at the end, which the trainer runs as placeholder passes so that the collectives
     of FSDP match on all ranks.
@@ -152,6 +232,47 @@ def collate(
         infer_logprobs[b, start:end] = torch.tensor(traj.infer_logprobs, dtype=torch.float32)
     adv = torch.tensor([float(advantages[i]) for i in indices] or [0.0], dtype=torch.float32)
     return MicroBatch(input_ids, response_mask, infer_logprobs, adv, tuple(indices))
+
+
+def collate_rows(
+    trajectories: Sequence[Trajectory],
+    advantages: Sequence[float],
+    rows: Sequence[Sequence[int]],
+    pad_id: int = 0,
+) -> MicroBatch:
+    """`collate` of the rows' sequences (in row order), with `packed` set when a row holds
+    more than one sequence. The sequences of a row must have the same prompt."""
+    indices = [i for row in rows for i in row]
+    mb = collate(trajectories, advantages, indices, pad_id)
+    if all(len(row) == 1 for row in rows):
+        return mb
+    width = max(row_length(trajectories, row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.int64)
+    segment = torch.full((len(rows), width), -1, dtype=torch.int64)  # 0: prompt, k: response k
+    source: list[tuple[int, int]] = []
+    for r, row in enumerate(rows):
+        prompt = trajectories[row[0]].prompt_tokens
+        start = len(prompt)
+        input_ids[r, :start] = torch.tensor(prompt, dtype=torch.int64)
+        position_ids[r, :start] = torch.arange(start)
+        segment[r, :start] = 0
+        for k, i in enumerate(row, start=1):
+            traj = trajectories[i]
+            if traj.prompt_tokens != prompt:
+                raise ValueError(f"collate_rows: trajectory {traj.traj_id} does not share the prompt of its row")
+            n = len(traj.response_tokens)
+            input_ids[r, start:start + n] = torch.tensor(traj.response_tokens, dtype=torch.int64)
+            position_ids[r, start:start + n] = torch.arange(len(prompt), len(prompt) + n)
+            segment[r, start:start + n] = k
+            # The first response token is predicted by the prompt's last position.
+            source += [(r, len(prompt) - 1)] + [(r, start + j) for j in range(n - 1)]
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [R, q, k]
+    mask = (causal & sees) | torch.eye(width, dtype=torch.bool)
+    packed = Packed(input_ids, position_ids, mask[:, None], torch.tensor(source, dtype=torch.int64).reshape(-1, 2))
+    return MicroBatch(mb.input_ids, mb.response_mask, mb.infer_logprobs, mb.advantages, mb.indices, packed)
 
 
 def loss_share(aggregation: str, response_mask: torch.Tensor, totals: BatchTotals) -> float:

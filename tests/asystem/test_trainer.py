@@ -155,6 +155,38 @@ def test_recomputed_logprobs_equal_transformers(tiny, reference):
     assert metrics["version"] == 1 and metrics["optimizer_steps"] == 1
 
 
+def shared_prompt_batch(response_lengths, group_size, seed=0, vocab=1000, prompt_len=7) -> list[Trajectory]:
+    """Like make_batch, but the trajectories of a group share their prompt, as rollouts do."""
+    batch = make_batch(response_lengths, seed=seed, vocab=vocab, group_size=group_size)
+    for traj in batch:
+        g = torch.Generator().manual_seed(1000 * seed + traj.group_id)
+        traj.prompt_tokens = torch.randint(2, vocab, (prompt_len,), generator=g).tolist()
+    return batch
+
+
+def test_groups_sharing_a_prompt_train_exactly_as_separate_rows(tiny, reference):
+    """A group's responses in one row behind one copy of their prompt (share_prompts) get the
+    same log-probabilities, so the same update, as one row per sequence; with fewer positions.
+    The budget of 30 positions splits the 4-response groups over several rows."""
+    batch = with_infer_logprobs(reference, shared_prompt_batch([3, 9, 1, 5, 6, 2, 8, 4], group_size=4))
+    results = {}
+    for share in (False, True):
+        with trainer(TrainerConfig(model_path=tiny, micro_batch_tokens=30, lr=1e-3, share_prompts=share)) as t:
+            before = weights(t)
+            metrics = t.train_step(batch, [1.0, -0.5, 0.25, -1.0, 0.5, -0.25, 1.0, -0.75])
+            results[share] = (weights(t), metrics)
+    (separate, m_separate), (shared, m_shared) = results[False], results[True]
+    # Against the exact engine probabilities both see no mismatch: the shared rows'
+    # positions and mask give every token the logits of its own row.
+    assert m_shared["mismatch_abs_max"] < 1e-5 and m_separate["mismatch_abs_max"] < 1e-5
+    assert m_shared["loss"] == pytest.approx(m_separate["loss"], abs=1e-6)
+    assert m_shared["entropy"] == pytest.approx(m_separate["entropy"], rel=1e-5)
+    # Adam's first step moves each weight by about lr whatever its gradient's size, so
+    # rounding-level gradient differences show up at 1e-6 here: compare with the update.
+    assert max_diff(separate, shared) < 1e-2 * max_diff(before, separate)
+    assert m_shared["tokens"] == m_separate["tokens"] == 38
+
+
 def test_tokens_outside_the_icepop_band_change_nothing(tiny, reference):
     """A trajectory whose engine probabilities are absurd (k far above beta) contributes no
     gradient: adding it to a batch leaves the update as it was. The same trajectory with

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from ring.batching import (
     BatchTotals,
     collate,
+    collate_rows,
     loss_share,
     micro_batches,
     sequence_length,
     shard,
+    shared_prompt_rows,
     step_plan,
 )
 from ring.icepop import IcePopConfig, icepop_loss
@@ -126,3 +128,40 @@ def test_micro_batch_losses_sum_to_the_batch_loss(aggregation, world_size):
 def test_totals_ignore_empty_responses():
     totals = BatchTotals.of([make_traj(0, 2, 3), make_traj(1, 2, 0), make_traj(2, 1, 4)])
     assert totals == BatchTotals(sequences=2, tokens=7)
+
+
+def test_sequences_share_a_row_only_with_their_own_prompt_and_within_the_budget():
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [1, 2, 3], [4, 5]]
+    responses = [4, 2, 6, 5, 9]
+    # The prompt [1, 2, 3] with responses 6, 5, 4 needs 18 positions: the budget of 15 cuts it.
+    assert shared_prompt_rows(prompts, responses, max_tokens=15) == [[2, 3], [0], [4, 1]]
+    assert shared_prompt_rows(prompts, responses, max_tokens=100) == [[2, 3, 0], [4, 1]]
+    # A sequence longer than the budget still gets a row.
+    assert shared_prompt_rows([[1] * 10], [20], max_tokens=15) == [[0]]
+
+
+def test_a_shared_row_lays_out_the_prompt_once_and_masks_responses_from_each_other():
+    prompt = [7, 8, 9]
+    trajs = [make_traj(i, 3, n) for i, n in enumerate([2, 3])]
+    for traj in trajs:
+        traj.prompt_tokens = list(prompt)
+    mb = collate_rows(trajs, [1.0, -1.0], [[1, 0]])
+    assert mb.indices == (1, 0)
+    assert mb.input_ids.shape == (2, 6)  # the per-sequence layout is unchanged (targets)
+    packed = mb.packed
+    assert packed.input_ids[0].tolist() == prompt + trajs[1].response_tokens + trajs[0].response_tokens
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
+    mask = packed.attention_mask[0, 0]
+    assert mask[5].tolist() == [True] * 6 + [False] * 2  # response 1 sees the prompt and itself
+    assert mask[6].tolist() == [True] * 3 + [False] * 3 + [True, False]  # response 2: not response 1
+    # Token n of the micro-batch (row-major over the per-sequence layout) is predicted by
+    # the prompt's last position for each first response token.
+    assert packed.source.tolist() == [[0, 2], [0, 3], [0, 4], [0, 2], [0, 6]]
+    assert mb.positions == 8
+    with pytest.raises(ValueError, match="does not share the prompt"):
+        collate_rows([make_traj(0, 3, 2), make_traj(1, 3, 2)], [1.0, 1.0], [[0, 1]])
+
+
+def test_rows_of_one_sequence_need_no_packing():
+    mb = collate_rows([make_traj(0, 3, 2), make_traj(1, 2, 4)], [1.0, 1.0], [[1], [0]])
+    assert mb.packed is None and mb.indices == (1, 0) and mb.positions == 12
