@@ -28,8 +28,9 @@ class TaskConfig:
     """Training prompts (ring/tasks.py `make_task_source`)."""
     eval_source: dict[str, Any] | None = None
     """Held-out prompts; None means the training source with another seed (disjoint items)."""
-    eval_size: int = 100
-    """Held-out problems scored greedily before, during and after training."""
+    eval_size: int = 200
+    """Held-out problems scored greedily before, during and after training. 200: a rise of
+    10 points is then about 2.5 standard errors (100 left 8 points at 1.3)."""
     system_prompt: str | None = None
     """Instruction put before every prompt; None means the task's default."""
 
