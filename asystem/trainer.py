@@ -5,10 +5,12 @@ A training step, top to bottom (`Trainer.train_step`):
 1. Advantages: the batch's groups are scored against themselves (GRPO, Dr.GRPO or RLOO,
    `ring/advantages.py`); groups whose rewards are all equal carry no signal and are dropped.
 2. Plan: the batch is split across ranks balanced by tokens, then into micro-batches of at
-   most `micro_batch_tokens` padded positions (`ring/batching.py`). Every rank receives
+   most `micro_batch_tokens` padded positions (`ring/batching.py`). With `share_prompts`,
+   the responses of a group share one row behind one copy of their prompt. Every rank receives
    the whole batch and computes the same plan, so no rank waits for another to decide.
-3. theta_old: the trainer recomputes log p_train(y | prefix; theta_old) of every response
-   token with the weights it has now, before any update: the numerator of IcePop's k.
+3. theta_old: log p_train(y | prefix; theta_old) of every response token with the weights
+   the step starts from, the numerator of IcePop's k: a pass of its own before the
+   updates, or, with one update per batch, the update's own forward pass.
 4. Update: for each micro-batch, log p_train(theta) with gradients, `icepop_loss`, and a
    backward pass of the loss times its share of the batch (`loss_share`), so that the
    accumulated gradient is that of the loss over the whole batch, whatever the split.
@@ -268,9 +270,9 @@ class Trainer:
         mismatch_abs_mean, mismatch_abs_max, kl_k3, clip_frac) over all response tokens,
         entropy (mean per token under theta_old), sequences and tokens trained,
         groups_dropped and sequences_dropped (no signal, or empty responses), reward_mean
-        and response_length_mean of the batch given, pad_frac (padding share of the
-        micro-batches), skipped_updates (non-finite gradient norm: the update is not
-        applied), and seconds: time_logprob_s (theta_old), time_update_s, time_step_s.
+        and response_length_mean of the batch given, pad_frac (share of the forward
+        passes' positions that are not response tokens: prompts and padding),
+        skipped_updates (non-finite gradient norm: the update is not applied), and seconds: time_logprob_s (theta_old), time_update_s, time_step_s.
         """
         model = self._model()
         started = time.perf_counter()
