@@ -15,7 +15,8 @@ the other on this machine:
   every step trains exactly the same number of samples as TRL's. Then, unless `--no-c3po`,
   the default C3PO++ scheduler with its token budget Phi set from the sync run's mean
   response length so that a step holds about the same number of samples (its own count
-  is used for its figures).
+  is used for its figures), and at most one step's samples decoding at once
+  (`scheduler.infer_capacity`), so that it decodes one batch ahead.
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
@@ -153,7 +154,13 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
     if token_budget is None:
         overrides += ["scheduler.kind=sync", f"scheduler.groups_per_step={samples // group}"]
     else:
-        overrides += ["scheduler.kind=c3po", f"scheduler.token_budget={token_budget}"]
+        # Omega_infer of one step's samples: the engine decodes the next batch while the
+        # trainer trains this one. The default 64 is sized for the main job's 40-56 samples
+        # a step; with 16 it decodes four batches ahead, serially at the start, and the
+        # steps that train that backlog leave the engine idle (a 4-step run measured no
+        # overlap at all: generation + training + sync = step time).
+        overrides += ["scheduler.kind=c3po", f"scheduler.token_budget={token_budget}",
+                      f"scheduler.infer_capacity={samples}"]
     summary = asyncio.run(train(load_config(TrainConfig, None, overrides)))
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step" in r]
     if len(records) != steps or summary.get("steps") != steps:
