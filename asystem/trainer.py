@@ -272,7 +272,8 @@ class Trainer:
         groups_dropped and sequences_dropped (no signal, or empty responses), reward_mean
         and response_length_mean of the batch given, pad_frac (share of the forward
         passes' positions that are not response tokens: prompts and padding),
-        skipped_updates (non-finite gradient norm: the update is not applied), and seconds: time_logprob_s (theta_old), time_update_s, time_step_s.
+        skipped_updates (non-finite gradient norm: the update is not applied), and
+        seconds: time_logprob_s (theta_old), time_update_s, time_step_s.
         """
         model = self._model()
         started = time.perf_counter()

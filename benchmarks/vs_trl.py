@@ -73,7 +73,7 @@ TEMPERATURE = 1.0
 
 
 def load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def say(text: str) -> None:
@@ -213,7 +213,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")  # we use TRL without vLLM
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("asystem.job").setLevel(logging.INFO)  # start-up and evaluation progress
-    shape = dict(samples=args.samples, group=args.group, max_tokens=args.max_tokens, steps=args.steps)
+    shape = {"samples": args.samples, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps}
     model_path = resolve_model(args.model)
     loads = [load()]
     say(f"{args.model}: {args.samples} samples/step, G={args.group}, {args.max_tokens} new tokens, "
