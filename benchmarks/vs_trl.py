@@ -132,8 +132,7 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
     step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     if len(step_s) != steps or len(logs) != steps:
         raise RuntimeError(f"TRL: expected {steps} steps, saw {len(step_s)} step ends and {len(logs)} logs")
-    timed = step_s
-    return {"samples_per_s": samples * len(timed) / sum(timed), "step_s": timed,
+    return {"samples_per_s": samples * len(step_s) / sum(step_s), "step_s": step_s,
             "reward_mean": statistics.mean(r["reward"] for r in logs),
             "mean_length": statistics.mean(r["completions/mean_length"] for r in logs)}
 
@@ -165,19 +164,18 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step" in r]
     if len(records) != steps or summary.get("steps") != steps:
         raise RuntimeError(f"asystem: expected {steps} steps, metrics.jsonl holds {len(records)}")
-    timed = records
-    step_s = [r["time/step"] for r in timed]
-    trained = sum(r["batch/trajectories"] for r in timed)
+    step_s = [r["time/step"] for r in records]
+    trained = sum(r["batch/trajectories"] for r in records)
 
     def mean(key: str) -> float:
-        return statistics.mean(r[key] for r in timed)
+        return statistics.mean(r[key] for r in records)
 
-    return {"samples_per_s": trained / sum(step_s), "step_s": step_s, "samples_per_step": trained / len(timed),
-            "generation_s_per_sample": sum(r["time/generation"] for r in timed) / trained,
-            "train_s_per_sample": sum(r["time/train_step"] for r in timed) / trained,
+    return {"samples_per_s": trained / sum(step_s), "step_s": step_s, "samples_per_step": trained / len(records),
+            "generation_s_per_sample": sum(r["time/generation"] for r in records) / trained,
+            "train_s_per_sample": sum(r["time/train_step"] for r in records) / trained,
             "generation_s": mean("time/generation"), "train_step_s": mean("time/train_step"),
             "sync_s": mean("time/sync"), "reward_mean": mean("reward/mean"), "mean_length": mean("batch/mean_length"),
-            "tokens_per_group": sum(r["batch/tokens"] for r in timed) / trained * group,
+            "tokens_per_group": sum(r["batch/tokens"] for r in records) / trained * group,
             "staleness_mean": mean("staleness/mean")}
 
 

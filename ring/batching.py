@@ -32,7 +32,7 @@ sequences: `step_plan` takes row lengths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -272,7 +272,7 @@ def collate_rows(
     sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [R, q, k]
     mask = (causal & sees) | torch.eye(width, dtype=torch.bool)
     packed = Packed(input_ids, position_ids, mask[:, None], torch.tensor(source, dtype=torch.int64).reshape(-1, 2))
-    return MicroBatch(mb.input_ids, mb.response_mask, mb.infer_logprobs, mb.advantages, mb.indices, packed)
+    return replace(mb, packed=packed)
 
 
 def loss_share(aggregation: str, response_mask: torch.Tensor, totals: BatchTotals) -> float:
