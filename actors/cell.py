@@ -47,6 +47,8 @@ class ActorCell:
         self.cls, self.args, self.kwargs = cls, args, kwargs
         self.parent = parent
         self.methods = public_methods(cls)
+        # Looked up per call; inspect's check costs more than the rest of the lookup.
+        self.streaming = frozenset(name for name, fn in self.methods.items() if _is_generator(fn))
         self.mailbox = Mailbox(cls.mailbox_size, owner=f"actor {ref}")
         self.instance: Actor | None = None
         self.state = "new"
@@ -216,7 +218,7 @@ class ActorCell:
             return self.cls.on_terminated
         fn = self.methods.get(request.method)
         is_stream = request.call is Call.STREAM
-        if fn is None or is_stream != _is_generator(fn):
+        if fn is None or is_stream != (request.method in self.streaming):
             kind = "async-generator" if is_stream else "coroutine"
             raise UnknownMethodError(
                 f"actor {self.ref} ({self.cls.__name__}) has no public {kind} method "

@@ -27,7 +27,7 @@ class Sink:
     def __init__(self, credit: int = 0):
         self.credit = credit
         self.cancelled = False
-        self._credit_changed = asyncio.Event()
+        self._credit_changed: asyncio.Event | None = None  # made by the first wait: asks never wait
 
     async def result(self, value: Any) -> None:
         raise NotImplementedError
@@ -43,15 +43,19 @@ class Sink:
 
     def grant(self, n: int) -> None:
         self.credit += n
-        self._credit_changed.set()
+        if self._credit_changed is not None:
+            self._credit_changed.set()
 
     def cancel(self) -> None:
         self.cancelled = True
-        self._credit_changed.set()
+        if self._credit_changed is not None:
+            self._credit_changed.set()
 
     async def wait_credit(self, poll: float | None = None) -> bool:
         """Wait until there is credit (True) or the stream is cancelled (False). With
         ``poll``, returns None every ``poll`` seconds so the caller can check liveness."""
+        if self._credit_changed is None:
+            self._credit_changed = asyncio.Event()
         while self.credit <= 0 and not self.cancelled:
             self._credit_changed.clear()
             try:

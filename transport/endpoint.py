@@ -41,7 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import auth
 from .codec import Limits
 from .envelope import Envelope, EnvelopeError, Kind, pack_header, unpack_header
-from .reactor import SocketReader, send, send_now
+from .reactor import SocketReader, send, send_now, try_send
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,9 @@ class Endpoint:
         peer's queue is at its high-water mark, until ``deadline`` (loop time), then
         raises TimeoutError."""
         conn = self._conns.get(address) or self._connect(address)
-        await send(conn.sock, [pack_header(env), *frames], conn.reader, deadline)
+        parts = [pack_header(env), *frames]
+        if not try_send(conn.sock, parts, conn.reader):
+            await send(conn.sock, parts, conn.reader, deadline)
 
     async def reply(self, route: bytes, env: Envelope, frames: Sequence = (),
                     deadline: float | None = None) -> bool:
@@ -230,9 +232,10 @@ class Endpoint:
         at the high-water mark (the caller reads nothing) until ``deadline`` (loop time)."""
         if self._closed:
             return False
+        parts = [route, pack_header(env), *frames]
         try:
-            await send(self._router, [route, pack_header(env), *frames], self._readers[0],
-                       deadline)
+            if not try_send(self._router, parts, self._readers[0]):
+                await send(self._router, parts, self._readers[0], deadline)
             return True
         except TimeoutError:
             self.counters["reply_queue_full"] += 1

@@ -62,7 +62,9 @@ class EnvelopeError(ValueError):
         self.kind = kind
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, which made
+# building one 4x slower (2.2 vs 0.5 us), four times per call. Treat it as immutable.
+@dataclass(slots=True)
 class Envelope:
     kind: Kind
     corr: int = 0
@@ -78,7 +80,7 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 def pack_header(env: Envelope) -> bytes:
     return _packer.pack(
-        (PROTOCOL_VERSION, int(env.kind), env.corr, env.sender, env.target,
+        (PROTOCOL_VERSION, env.kind, env.corr, env.sender, env.target,
          env.method, env.deadline_ms, env.credit)
     )
 

@@ -133,6 +133,8 @@ async def send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None
     ``deadline`` (loop time) has passed. libzmq queues the parts of a message atomically, so
     a refusal means none of them was queued.
     """
+    if try_send(sock, parts, reader):
+        return
     delay = 0.0005
     while True:
         try:
@@ -146,6 +148,18 @@ async def send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None
             delay = min(delay * 2, 0.02)
     if reader is not None:
         reader.kick()
+
+
+def try_send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None) -> bool:
+    """Queue one multipart message if it fits now (then kick ``reader``); False at the
+    high-water mark, with nothing queued. The callers' fast path: no coroutine to await."""
+    try:
+        send_now(sock, parts)
+    except zmq.Again:
+        return False
+    if reader is not None:
+        reader.kick()
+    return True
 
 
 def send_now(sock: zmq.Socket, parts: list) -> None:
