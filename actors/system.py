@@ -55,6 +55,9 @@ class _Expired(Exception):
 _EXPIRED = _Expired()
 
 
+_CALLS = {Kind.CALL: Call.ASK, Kind.TELL: Call.TELL, Kind.STREAM: Call.STREAM}
+
+
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(_EXPIRED)
@@ -571,8 +574,9 @@ class ActorSystem:
                         raise
             else:
                 self._pending[corr] = pending
-                await self._send_call(ref, Kind.CALL, corr, method, args, kwargs, timeout,
-                                      deadline=deadline)
+                env, frames = self._call_message(ref, Kind.CALL, corr, method, args, kwargs, timeout)
+                if not self.endpoint.try_send(ref.address, env, frames):
+                    await self.endpoint.send(ref.address, env, frames, deadline)
             return await future
         except TimeoutError:  # the peer's socket queue stayed full until the deadline
             self._cancel(ref, corr)
@@ -706,10 +710,14 @@ class ActorSystem:
     async def _send_call(self, ref: ActorRef, kind: Kind, corr: int, method: str, args,
                          kwargs, timeout: float, credit: int = 0,
                          deadline: float | None = None) -> None:
-        frames = codec.encode([list(args), kwargs])  # TypeError for unencodable arguments
-        env = Envelope(kind, corr, self.address, ref.actor_id, method,
-                       int(timeout * 1000), credit)
+        env, frames = self._call_message(ref, kind, corr, method, args, kwargs, timeout, credit)
         await self.endpoint.send(ref.address, env, frames, deadline)
+
+    def _call_message(self, ref: ActorRef, kind: Kind, corr: int, method: str, args, kwargs,
+                      timeout: float, credit: int = 0) -> tuple[Envelope, list]:
+        frames = codec.encode([list(args), kwargs])  # TypeError for unencodable arguments
+        return Envelope(kind, corr, self.address, ref.actor_id, method,
+                        int(timeout * 1000), credit), frames
 
     def _forget(self, request: Request) -> None:
         if request.key is not None:
@@ -754,7 +762,7 @@ class ActorSystem:
             return None
         if env.kind is Kind.TELL and env.method == TERMINATED:
             return self._on_terminated_notice(msg)
-        call = {Kind.CALL: Call.ASK, Kind.TELL: Call.TELL, Kind.STREAM: Call.STREAM}[env.kind]
+        call = _CALLS[env.kind]
         sink = None if call is Call.TELL else RemoteSink(self, msg.route, env)
         try:
             args, kwargs = self._decode_call(msg)

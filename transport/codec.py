@@ -189,9 +189,22 @@ def encode(obj: Any, *, zero_copy_threshold: int = 64 * 1024) -> list:
     A tensor or array whose dtype, layout or device cannot travel (object arrays, sparse or
     meta tensors) raises :class:`CodecError`.
     """
+    # Most messages hold only msgpack's own types: try a reused packer without `default`
+    # first (0.6 us against 3 us for a small call); anything else raises, and takes the
+    # full path below. One packer per thread: a Packer must not be shared between threads.
+    packer = getattr(_plain, "packer", None)
+    if packer is None:
+        packer = _plain.packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    try:
+        return [packer.pack(obj)]
+    except (TypeError, ValueError, OverflowError):
+        packer.reset()  # what it packed before failing stays in its buffer otherwise
     encoder = _Encoder(zero_copy_threshold)
     body = msgpack.packb(obj, default=encoder.default, use_bin_type=True, datetime=False)
     return [body, *encoder.buffers]
+
+
+_plain = threading.local()
 
 
 class _Encoder:

@@ -225,6 +225,12 @@ class Endpoint:
         if not try_send(conn.sock, parts, conn.reader):
             await send(conn.sock, parts, conn.reader, deadline)
 
+    def try_send(self, address: str, env: Envelope, frames: Sequence = ()) -> bool:
+        """:meth:`send` when the message fits at once (the usual case): True once queued,
+        False, with nothing queued, at the peer's high-water mark (then await :meth:`send`)."""
+        conn = self._conns.get(address) or self._connect(address)
+        return try_send(conn.sock, [pack_header(env), *frames], conn.reader)
+
     async def reply(self, route: bytes, env: Envelope, frames: Sequence = (),
                     deadline: float | None = None) -> bool:
         """Send an answer back to ``route``. Returns False, counted and logged, when the
