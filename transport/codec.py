@@ -25,16 +25,20 @@ msgpack itself decodes its predefined timestamp extension (code -1) into
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CodecError", "Limits", "decode", "encode", "frames_nbytes", "register_ext"]
 
@@ -43,18 +47,29 @@ _EXT_NDARRAY = 2
 _RESERVED_CODES = range(0, 32)
 _MAX_NDIM = 64  # numpy's limit; torch allows more, but tensors that deep do not travel
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (
-        torch.bool,
-        torch.uint8, torch.uint16, torch.uint32, torch.uint64,
-        torch.int8, torch.int16, torch.int32, torch.int64,
-        torch.float16, torch.bfloat16, torch.float32, torch.float64,
-        torch.float8_e4m3fn, torch.float8_e5m2,
-        torch.complex64, torch.complex128,
-    )
-}  # fmt: skip
-_TORCH_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+# torch is imported only when a tensor is decoded (or was imported by someone else, when
+# one is encoded: no object is a tensor before torch is loaded). Importing it takes most of
+# a second or more, and a process that only passes plain values never needs it.
+_TORCH_DTYPE_NAMES = (
+    "bool",
+    "uint8", "uint16", "uint32", "uint64",
+    "int8", "int16", "int32", "int64",
+    "float16", "bfloat16", "float32", "float64",
+    "float8_e4m3fn", "float8_e5m2",
+    "complex64", "complex128",
+)  # fmt: skip
+
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {name: getattr(torch, name) for name in _TORCH_DTYPE_NAMES}
+
+
+@functools.cache
+def _torch_names() -> dict[torch.dtype, str]:
+    return {dtype: name for name, dtype in _torch_dtypes().items()}
 
 _NUMPY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
@@ -220,7 +235,8 @@ class _Encoder:
         ext = _ext_by_type.get(type(obj))
         if ext is not None:
             return _pack_registered(ext, obj)
-        if isinstance(obj, torch.Tensor):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
             return self._array_ext(_EXT_TENSOR, *_tensor_bytes(obj))
         if isinstance(obj, np.ndarray):
             return self._array_ext(_EXT_NDARRAY, *_ndarray_bytes(obj))
@@ -242,9 +258,11 @@ class _Encoder:
 def _tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], memoryview]:
     """The dtype name, shape and a flat byte view of ``t``'s elements (a copy only when
     ``t`` is not already a contiguous, resolved CPU tensor)."""
-    name = _TORCH_NAMES.get(t.dtype)
+    import torch
+
+    name = _torch_names().get(t.dtype)
     if name is None:
-        supported = ", ".join(_TORCH_DTYPES)
+        supported = ", ".join(_TORCH_DTYPE_NAMES)
         raise CodecError(f"cannot encode a tensor of dtype {t.dtype}; supported: {supported}")
     if t.layout != torch.strided:
         raise CodecError(f"cannot encode a tensor of layout {t.layout}; send .to_dense()")
@@ -368,8 +386,9 @@ class _Decoder:
     def ext_hook(self, code: int, payload: bytes) -> Any:
         """msgpack's hook for every ext value in the body."""
         if code == _EXT_TENSOR:
-            dtype, shape, data = self._array_parts(_TORCH_DTYPES, "tensor", payload)
-            return _tensor_from(_TORCH_DTYPES[dtype], shape, data)
+            dtypes = _torch_dtypes()
+            dtype, shape, data = self._array_parts(dtypes, "tensor", payload)
+            return _tensor_from(dtypes[dtype], shape, data)
         if code == _EXT_NDARRAY:
             dtype, shape, data = self._array_parts(_NUMPY_DTYPES, "ndarray", payload)
             return _ndarray_from(_NUMPY_DTYPES[dtype], shape, data)
@@ -444,6 +463,8 @@ def _check_shape(kind: str, shape: Any) -> None:
 
 def _tensor_from(dtype: torch.dtype, shape: list[int], data: memoryview | bytes) -> torch.Tensor:
     """A tensor over ``data`` when it is an out-of-band buffer, else over a copy of it."""
+    import torch
+
     try:
         if len(data) == 0:  # torch.frombuffer refuses empty buffers
             return torch.empty(shape, dtype=dtype)
@@ -457,6 +478,8 @@ def _tensor_from(dtype: torch.dtype, shape: list[int], data: memoryview | bytes)
 def _frombuffer(view: memoryview, dtype: torch.dtype) -> torch.Tensor:
     """torch.frombuffer over ``view``, which holds a reference to the exporting object for
     as long as the tensor's storage lives (tested), so the frame outlives the caller's list."""
+    import torch
+
     if not view.readonly:
         return torch.frombuffer(view, dtype=dtype)
     # torch warns that it cannot mark the tensor read-only; decode's docstring says so

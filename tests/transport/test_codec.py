@@ -515,3 +515,21 @@ def test_generated_values_round_trip(value):
 
     for threshold in (0, 16, THRESHOLD):
         assert normal(round_trip(value, zero_copy_threshold=threshold)) == normal(value)
+
+
+def test_torch_is_imported_only_when_a_tensor_arrives():
+    """A process that passes plain values and arrays never pays for importing torch; the
+    first tensor it decodes imports it."""
+    frames = [bytes(f) for f in encode({"t": torch.arange(6, dtype=torch.int16).reshape(2, 3)},
+                                       zero_copy_threshold=1)]
+    program = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from transport.codec import decode, encode
+        assert decode(encode([1, "a", b"b", np.ones(3)]))[:3] == [1, "a", b"b"]
+        assert "torch" not in sys.modules, "encoding plain values imported torch"
+        t = decode({frames!r})["t"]
+        assert "torch" in sys.modules and t.tolist() == [[0, 1, 2], [3, 4, 5]], t
+    """)
+    run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
