@@ -306,6 +306,9 @@ class ActorSystem:
         queued messages for up to ``timeout`` seconds; then on_stop runs and its watchers
         are told. Stopping a stopped actor does nothing."""
         if ref.address != self.address:
+            if any(child.ref.address == ref.address for child in self._child_processes):
+                # A process actor's process exits with it: the lost connection is not news.
+                self.endpoint.expect_loss(ref.address)
             await self._system_ref(ref.address).ask("stop_actor", ref.actor_id, timeout,
                                                     timeout=timeout + 5)
             return

@@ -62,6 +62,14 @@ async def test_calls_still_running_at_shutdown_fail_as_dead_and_nothing_hangs():
     await assert_no_descendants()
 
 
+async def test_stopping_a_process_actor_is_not_reported_as_a_lost_peer(system, caplog):
+    ref = await system.spawn(Echo, where="process")
+    assert await ref.ask("echo", 1) == 1  # opens our connection to its process
+    await system.stop(ref)
+    await eventually(lambda: system.endpoint.counters["peers_lost"] == 1)
+    assert "lost" not in "".join(r.message for r in caplog.records if r.levelname == "WARNING")
+
+
 async def test_a_stopping_actor_refuses_new_calls_at_once(system):
     """While an actor drains its last messages, calls from this process and from others
     fail at once with ActorDeadError instead of waiting for their deadline."""
