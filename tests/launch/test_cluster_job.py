@@ -117,7 +117,9 @@ def test_a_node_killed_mid_run_its_workers_move_and_every_step_is_trained(tmp_pa
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_the_trainers_node_killed_stops_the_job_and_resume_goes_on(tmp_path):
-    steps = 6
+    # Enough steps that the job is still running when the kill takes effect: a tiny step
+    # takes about a second, and 6 steps were all trained before the loss was noticed.
+    steps = 16
     args = [f"run.steps={steps}", "run.checkpoint_every=2", "cluster.trainer.nodes=[1]",
             "cluster.rollout.nodes=[0]", "cluster.reward.nodes=[0]"]
     nodes = _cluster(tmp_path, 2, *args)
