@@ -23,7 +23,9 @@ import pytest
 from asystem.metrics import read_jsonl
 from ring.tasks import make_task_source
 
-STEPS = 6
+# Enough that the job still runs when it is killed (after step 3): a tiny step takes about
+# a second, and with 6 the poll sometimes saw the job done.
+STEPS = 16
 ROOT = Path(__file__).resolve().parents[2]
 
 
