@@ -577,9 +577,8 @@ class ActorSystem:
                         raise
             else:
                 self._pending[corr] = pending
-                env, frames = self._call_message(ref, Kind.CALL, corr, method, args, kwargs, timeout)
-                if not self.endpoint.try_send(ref.address, env, frames):
-                    await self.endpoint.send(ref.address, env, frames, deadline)
+                await self._send_call(ref, Kind.CALL, corr, method, args, kwargs, timeout,
+                                      deadline=deadline)
             return await future
         except TimeoutError:  # the peer's socket queue stayed full until the deadline
             self._cancel(ref, corr)
@@ -713,14 +712,10 @@ class ActorSystem:
     async def _send_call(self, ref: ActorRef, kind: Kind, corr: int, method: str, args,
                          kwargs, timeout: float, credit: int = 0,
                          deadline: float | None = None) -> None:
-        env, frames = self._call_message(ref, kind, corr, method, args, kwargs, timeout, credit)
-        await self.endpoint.send(ref.address, env, frames, deadline)
-
-    def _call_message(self, ref: ActorRef, kind: Kind, corr: int, method: str, args, kwargs,
-                      timeout: float, credit: int = 0) -> tuple[Envelope, list]:
         frames = codec.encode([list(args), kwargs])  # TypeError for unencodable arguments
-        return Envelope(kind, corr, self.address, ref.actor_id, method,
-                        int(timeout * 1000), credit), frames
+        env = Envelope(kind, corr, self.address, ref.actor_id, method,
+                       int(timeout * 1000), credit)
+        await self.endpoint.send(ref.address, env, frames, deadline)
 
     def _forget(self, request: Request) -> None:
         if request.key is not None:

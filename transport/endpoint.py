@@ -41,7 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import auth
 from .codec import Limits
 from .envelope import Envelope, EnvelopeError, Kind, pack_header, unpack_header
-from .reactor import SocketReader, send, send_now, try_send
+from .reactor import SocketReader, send_now, send_when_room, try_send
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +223,7 @@ class Endpoint:
         conn = self._conns.get(address) or self._connect(address)
         parts = [pack_header(env), *frames]
         if not try_send(conn.sock, parts, conn.reader):
-            await send(conn.sock, parts, conn.reader, deadline)
-
-    def try_send(self, address: str, env: Envelope, frames: Sequence = ()) -> bool:
-        """:meth:`send` when the message fits at once (the usual case): True once queued,
-        False, with nothing queued, at the peer's high-water mark (then await :meth:`send`)."""
-        conn = self._conns.get(address) or self._connect(address)
-        return try_send(conn.sock, [pack_header(env), *frames], conn.reader)
+            await send_when_room(conn.sock, parts, conn.reader, deadline)
 
     async def reply(self, route: bytes, env: Envelope, frames: Sequence = (),
                     deadline: float | None = None) -> bool:
@@ -241,7 +235,7 @@ class Endpoint:
         parts = [route, pack_header(env), *frames]
         try:
             if not try_send(self._router, parts, self._readers[0]):
-                await send(self._router, parts, self._readers[0], deadline)
+                await send_when_room(self._router, parts, self._readers[0], deadline)
             return True
         except TimeoutError:
             self.counters["reply_queue_full"] += 1

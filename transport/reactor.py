@@ -124,35 +124,10 @@ class SocketReader:
             self.loop.remove_reader(self._fd)
 
 
-async def send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None,
-               deadline: float | None = None) -> None:
-    """Send one multipart message without blocking the loop.
-
-    Returns at once in the normal case. At the high-water mark (the peer is not reading)
-    it retries with a short back-off until the message fits, or raises TimeoutError once
-    ``deadline`` (loop time) has passed. libzmq queues the parts of a message atomically, so
-    a refusal means none of them was queued.
-    """
-    if try_send(sock, parts, reader):
-        return
-    delay = 0.0005
-    while True:
-        try:
-            send_now(sock, parts)
-            break
-        except zmq.Again:
-            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-                raise TimeoutError("the peer's queue stayed full (high-water mark) until "
-                                   "the deadline") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
-    if reader is not None:
-        reader.kick()
-
-
 def try_send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None) -> bool:
     """Queue one multipart message if it fits now (then kick ``reader``); False at the
-    high-water mark, with nothing queued. The callers' fast path: no coroutine to await."""
+    high-water mark, with nothing queued (then :func:`send_when_room`). The usual case
+    needs no coroutine."""
     try:
         send_now(sock, parts)
     except zmq.Again:
@@ -160,6 +135,23 @@ def try_send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None) 
     if reader is not None:
         reader.kick()
     return True
+
+
+async def send_when_room(sock: zmq.Socket, parts: list, reader: SocketReader | None = None,
+                         deadline: float | None = None) -> None:
+    """Send a message that :func:`try_send` refused (the peer's queue is at its high-water
+    mark, the peer is not reading), without blocking the loop: retry with a short back-off
+    until it fits, or raise TimeoutError once ``deadline`` (loop time) has passed. libzmq
+    queues the parts of a message atomically, so a refusal means none of them was queued."""
+    delay = 0.0005
+    while True:
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            raise TimeoutError("the peer's queue stayed full (high-water mark) until "
+                               "the deadline")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+        if try_send(sock, parts, reader):
+            return
 
 
 def send_now(sock: zmq.Socket, parts: list) -> None:
