@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 ZYGOTE_GRACE_S = 10.0
 """How long past an execution's wall time the zygote may take to answer before it is
 considered hung and killed (it reaps and reports within milliseconds normally)."""
+LEFTOVER_TIMEOUT_S = 5.0
+"""How long a killed zygote's execution processes may take to exit before it is reported."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,8 @@ class Sandbox:
             self._idle.put_nowait(zyg)
 
     def stats(self) -> dict[str, int]:
-        """executions, reason.<reason> counts, zygote_restarts, sandbox_errors."""
+        """executions, reason.<reason> counts, zygote_restarts, sandbox_errors, and
+        leftover_processes (of killed zygotes, still there after LEFTOVER_TIMEOUT_S)."""
         return dict(self.counters)
 
     def zygotes(self) -> list[dict[str, Any]]:
@@ -328,12 +331,28 @@ class _Zygote:
     async def kill(self) -> None:
         """SIGKILL to the zygote's process group (it leads its own session): the zygote
         and an execution's pid-namespace init go at once, which kills the namespace; the
-        program itself holds a parent-death signal."""
+        program itself holds a parent-death signal. Returns once the execution's processes
+        are gone too, when they run as a dedicated uid (the kernel kills them
+        asynchronously, and a dying process can take a while to exit)."""
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc is not None:
             await self.proc.wait()
+        uid = self.isolation.get("uid")
+        if uid is None:
+            return
+        deadline = time.monotonic() + LEFTOVER_TIMEOUT_S
+        while left := _live_processes_of(uid):
+            if time.monotonic() > deadline:
+                self.sandbox.counters["leftover_processes"] += len(left)
+                log.warning("sandbox zygote %d: processes %s of uid %d still there %.0fs after "
+                            "SIGKILL", self.index, left, uid, LEFTOVER_TIMEOUT_S)
+                return
+            for pid in left:  # they should be dying already; make sure
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.01)
 
     async def stop(self, timeout: float) -> None:
         """End of input: the zygote exits after its current execution."""
@@ -345,3 +364,20 @@ class _Zygote:
                 await self.proc.wait()
         except TimeoutError:
             await self.kill()
+
+
+def _live_processes_of(uid: int) -> list[int]:
+    """pids of `uid`'s processes that have not exited (zombies excluded), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid != uid:
+                    continue
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if state not in (b"Z", b"X"):
+                pids.append(int(entry))
+    return pids

@@ -9,4 +9,5 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 marker=(-m "not slow")
 if [ "${1:-}" = "--all" ]; then marker=(); shift; fi
-exec "$root/.venv/bin/python" -m pytest "${marker[@]}" "$@"
+# --durations: the slowest tests, printed at the end, tell a slow CI run from a hang.
+exec "$root/.venv/bin/python" -m pytest --durations=15 "${marker[@]}" "$@"

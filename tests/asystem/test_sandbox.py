@@ -211,11 +211,16 @@ async def test_daemons_are_killed_and_reported(sandbox):
 
 
 async def test_a_cancelled_caller_does_not_disturb_the_next(sandbox):
+    before = sandbox.stats()["executions"]
     slow = asyncio.ensure_future(sandbox.run("import time\ntime.sleep(1)\nprint('done')"))
     await asyncio.sleep(0.3)
     slow.cancel()
     results = await asyncio.gather(*(sandbox.run(f"print({i})") for i in range(6)))
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(6)]
+    # The cancelled execution still runs to its end; the next test must not meet it.
+    async with asyncio.timeout(FAST.wall_s + 10):
+        while sandbox.stats()["executions"] < before + 7:
+            await asyncio.sleep(0.05)
 
 
 async def test_a_killed_zygote_is_replaced(sandbox):
