@@ -7,6 +7,10 @@ so the time per call is the whole ask path, both sides together. Two figures:
 - pipelined: 64 asks in flight, microseconds per call (the Python work; I/O overlaps);
 - round trip: one ask in flight, microseconds per call (adds ZeroMQ's latency).
 
+Each also as the event-loop thread's CPU time per call (``*_cpu_us``): that leaves out
+time spent waiting for other threads and processes, so it varies much less from run to run
+on a busy machine and is the figure to compare checkouts by.
+
 ``--profile`` prints cProfile's top functions for the pipelined run. Compare two checkouts
 by running this script from each, interleaved, several times: the machine is noisy.
 
@@ -52,17 +56,21 @@ async def measure(calls: int, profile: bool) -> dict:
         profiler = cProfile.Profile() if profile else None
         if profiler:
             profiler.enable()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         await asyncio.gather(*(worker(calls // WINDOW) for _ in range(WINDOW)))
         pipelined = (time.perf_counter() - start) / (calls // WINDOW * WINDOW)
+        pipelined_cpu = (time.thread_time() - cpu) / (calls // WINDOW * WINDOW)
         if profiler:
             profiler.disable()
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         rtt_calls = max(1000, calls // 8)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         await worker(rtt_calls)
         rtt = (time.perf_counter() - start) / rtt_calls
-    return {"pipelined_us_per_call": round(pipelined * 1e6, 1), "rtt_us": round(rtt * 1e6, 1)}
+        rtt_cpu = (time.thread_time() - cpu) / rtt_calls
+    us = {"pipelined_us_per_call": pipelined, "pipelined_cpu_us_per_call": pipelined_cpu,
+          "rtt_us": rtt, "rtt_cpu_us": rtt_cpu}
+    return {key: round(value * 1e6, 1) for key, value in us.items()}
 
 
 def main() -> None:
@@ -72,8 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         result = runner.run(measure(args.calls, args.profile))
-    print(f"pipelined, {WINDOW} in flight: {result['pipelined_us_per_call']} us per call (both sides)")
-    print(f"round trip, 1 in flight: {result['rtt_us']} us")
+    print(f"pipelined, {WINDOW} in flight: {result['pipelined_us_per_call']} us per call "
+          f"(both sides), {result['pipelined_cpu_us_per_call']} us of it on the loop's CPU")
+    print(f"round trip, 1 in flight: {result['rtt_us']} us, {result['rtt_cpu_us']} us of it "
+          "on the loop's CPU")
     print(json.dumps(result))
 
 
