@@ -26,6 +26,10 @@ class Actor:
     mailbox_size: int = 1024
     crash_on_error: bool = False
     supervisor_strategy: SupervisorStrategy = SupervisorStrategy()
+    # Seconds on_stop may take at least, whatever a stop's own timeout (0: that timeout
+    # bounds it). A process actor's process gets as long after SIGTERM before SIGKILL. Set
+    # it for an actor whose cleanup is slow (a vLLM engine takes about 10 s to shut down).
+    stop_timeout: float = 0.0
 
     # Set by the runtime before on_start.
     ref: Any = None

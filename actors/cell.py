@@ -124,7 +124,8 @@ class ActorCell:
 
     async def terminate(self, reason: str, timeout: float = 5.0) -> None:
         """Stop the instance now: everything it holds fails with ActorDeadError, its
-        background tasks are cancelled and on_stop runs (bounded by ``timeout``)."""
+        background tasks are cancelled and on_stop runs (bounded by ``timeout``, or by the
+        class's ``stop_timeout`` if that is longer)."""
         dead = ActorDeadError(f"actor {self.ref} {reason}")
         for request in self.mailbox.close(reason):
             await self._fail_request(request, dead)
@@ -140,7 +141,7 @@ class ActorCell:
         instance, self.instance = self.instance, None
         if instance is not None:
             try:
-                await asyncio.wait_for(instance.on_stop(), timeout)
+                await asyncio.wait_for(instance.on_stop(), max(timeout, self.cls.stop_timeout))
             except Exception as exc:  # on_stop failing must not stop the shutdown
                 log.warning("%s: on_stop raised %r", self, exc)
 

@@ -80,9 +80,11 @@ def import_class(path: str) -> type:
 class ChildProcess:
     """A process this system started for one actor; reaped when it exits."""
 
-    def __init__(self, system, proc: asyncio.subprocess.Process, ref: ActorRef):
+    def __init__(self, system, proc: asyncio.subprocess.Process, ref: ActorRef,
+                 stop_timeout: float = 0.0):
         self.system, self.proc, self.ref = system, proc, ref
         self.pid = proc.pid
+        self.stop_timeout = stop_timeout  # the actor class's, as the child reported it
         self.exited = asyncio.ensure_future(self._reap())
 
     async def _reap(self) -> int:
@@ -95,13 +97,15 @@ class ChildProcess:
         return code
 
     async def stop(self, timeout: float) -> None:
-        """SIGTERM (the child shuts down gracefully), then SIGKILL after ``timeout``.
+        """SIGTERM (the child shuts down gracefully), then SIGKILL after ``timeout``, or
+        after the actor's ``stop_timeout`` if that is longer.
 
         A signal, not a message: the address of a dead child may already belong to its
         restarted successor, which a message would reach instead.
         """
         self.system.endpoint.expect_loss(self.ref.address)
-        for action, wait in ((self.proc.terminate, timeout), (self.proc.kill, 5.0)):
+        grace = max(timeout, self.stop_timeout)
+        for action, wait in ((self.proc.terminate, grace), (self.proc.kill, 5.0)):
             if self.exited.done():
                 return
             try:
@@ -152,7 +156,8 @@ async def spawn_process(system, path: str, args: list, kwargs: dict, actor_id: s
         done, _ = await asyncio.wait({started, exited}, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if started in done and started.exception() is None:
-            child = ChildProcess(system, proc, started.result().bind(system))
+            ref, stop_timeout = started.result()
+            child = ChildProcess(system, proc, ref.bind(system), stop_timeout)
             system._child_processes.add(child)
             return child
         if started in done:
@@ -199,13 +204,15 @@ class SystemActor(Actor):
             raise SpawnError(f"unknown or expired launch token {token}")
         return launch[0]
 
-    async def process_started(self, token: str, address: str, error: str | None) -> None:
+    async def process_started(self, token: str, address: str, error: str | None,
+                              stop_timeout: float = 0.0) -> None:
         launch = self.system._launches.get(token)
         if launch is None or launch[1].done():
             return
         spec, started = launch
         if error is None:
-            started.set_result(ActorRef(address, spec["actor_id"], spec["name"]))
+            started.set_result((ActorRef(address, spec["actor_id"], spec["name"]),
+                                float(stop_timeout)))
         else:
             started.set_exception(SpawnError(error))
 
@@ -260,7 +267,8 @@ async def _child_main(args) -> int:
                          f"{type(exc).__name__}: {exc}", timeout=30)
         await system.shutdown(linger=1.0)
         return 1
-    await parent.ask("process_started", args.token, system.address, None, timeout=30)
+    await parent.ask("process_started", args.token, system.address, None, cls.stop_timeout,
+                     timeout=30)
     cell = system._cells[spec["actor_id"]]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -273,7 +281,7 @@ async def _child_main(args) -> int:
         # elsewhere (it was started through a node agent) restarts it or escalates.
         cell.fail(RuntimeError(f"its parent process at {args.parent} is gone: "
                                f"{parent_lost.result()}"))
-        await asyncio.wait({cell.stopped}, timeout=10.0)
+        await asyncio.wait({cell.stopped}, timeout=max(10.0, cls.stop_timeout + 5.0))
     failed = cell.stopped.done() and cell.stopped.result()
     await system.shutdown(timeout=10.0, linger=1.0)
     return 1 if failed else 0

@@ -303,14 +303,18 @@ class ActorSystem:
 
     async def stop(self, ref: ActorRef, timeout: float = 10.0) -> None:
         """Stop an actor for good: its children first, then it finishes (drains) its
-        queued messages for up to ``timeout`` seconds; then on_stop runs and its watchers
-        are told. Stopping a stopped actor does nothing."""
+        queued messages for up to ``timeout`` seconds; then on_stop runs (for up to
+        ``timeout``, or the class's ``stop_timeout`` if longer) and its watchers are told.
+        Stopping a stopped actor does nothing."""
         if ref.address != self.address:
-            if any(child.ref.address == ref.address for child in self._child_processes):
-                # A process actor's process exits with it: the lost connection is not news.
-                self.endpoint.expect_loss(ref.address)
+            grace = timeout
+            for child in self._child_processes:
+                if child.ref.address == ref.address:
+                    # A process actor's process exits with it: the lost connection is not news.
+                    self.endpoint.expect_loss(ref.address)
+                    grace = max(timeout, child.stop_timeout)
             await self._system_ref(ref.address).ask("stop_actor", ref.actor_id, timeout,
-                                                    timeout=timeout + 5)
+                                                    timeout=timeout + grace + 5)
             return
         cell = self._cells.get(ref.actor_id)
         if cell is None or cell.state in ("stopped",):

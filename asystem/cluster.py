@@ -77,6 +77,7 @@ class PlacedWorkerSupervisor(Actor):
     """
 
     max_concurrency = 16  # workers start at once; a restart runs while `find` answers
+    stop_timeout = 30.0  # on_stop waits for its workers' own stops (their engines close)
 
     def __init__(self, placement: Placement, report: Callable[[str], None],
                  max_restarts: int = 5, within: float = 600.0, retry_s: float = 2.0):

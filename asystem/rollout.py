@@ -142,6 +142,9 @@ class RolloutWorker(Actor):
     """Hosts one engine; see the module docstring. `config`: a `WorkerConfig` dict."""
 
     max_concurrency = 1024  # the streams hold a slot each while they last
+    # on_stop closes the engine within control_timeout_s (30 s by default); vLLM's own
+    # shutdown takes about 10 s on CPU (its worker's 5 s grace, then the engine core's exit).
+    stop_timeout = 45.0
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = WorkerConfig.from_dict(config)

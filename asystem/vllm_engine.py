@@ -208,6 +208,13 @@ class VLLMEngine:
         self._streams.clear()
         if pumps:
             await asyncio.wait(pumps, timeout=self._control_timeout)
+        # vLLM cancels its output handler only after the engine core has exited, and the
+        # handler logs that exit as an EngineDeadError traceback meanwhile: nothing reads
+        # outputs any more, so it goes first.
+        handler = getattr(llm, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+            await asyncio.wait([handler], timeout=self._control_timeout)
         await asyncio.wait_for(asyncio.to_thread(llm.shutdown, 10.0), self._control_timeout + 10.0)
 
     async def health(self) -> None:

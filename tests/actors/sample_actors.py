@@ -333,6 +333,22 @@ class Journal(Actor):
         _write(self.path, json.dumps(self.seen))
 
 
+class SlowOnStop(Actor):
+    """Takes ``seconds`` to clean up (more than a stop's usual timeout), then writes ``path``."""
+
+    stop_timeout = 30.0
+
+    def __init__(self, path: str, seconds: float):
+        self.path, self.seconds = path, seconds
+
+    async def ping(self) -> str:
+        return "pong"
+
+    async def on_stop(self) -> None:
+        await asyncio.sleep(self.seconds)
+        _write(self.path, "clean")
+
+
 class StuckOnStop(Actor):
     """An actor whose on_stop never returns."""
 

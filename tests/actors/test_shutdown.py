@@ -22,7 +22,7 @@ from .conftest import (
     new_system,
     pid_alive,
 )
-from .sample_actors import Echo, Journal, Nest, SerialSleeper, StuckOnStop
+from .sample_actors import Echo, Journal, Nest, SerialSleeper, SlowOnStop, StuckOnStop
 
 
 async def test_async_with_drains_stops_everything_and_leaves_no_process(tmp_path):
@@ -160,3 +160,18 @@ async def test_killing_the_program_takes_its_actor_processes_with_it(tmp_path, p
     code, _ = await end_script(proc, pids, lambda: os.kill(proc.pid, signal.SIGKILL))
     assert code == -signal.SIGKILL
     # (end_script waited for every actor process, grandchild included, to exit by itself.)
+
+
+@pytest.mark.parametrize("where", ["local", "process"])
+async def test_an_actor_whose_cleanup_is_slow_gets_its_stop_timeout(system, tmp_path, where):
+    # A stop's timeout of 1 s is shorter than the 3 s cleanup; the class's stop_timeout
+    # (30 s) is what bounds it, and a process actor's process is not killed meanwhile.
+    done = tmp_path / "done"
+    ref = await system.spawn(SlowOnStop, str(done), 3.0, where=where)
+    assert await ref.ask("ping") == "pong"
+    children = list(system._child_processes)
+    await system.stop(ref, timeout=1.0)
+    if where == "process":
+        [child] = children
+        assert await asyncio.wait_for(child.exited, 30) == 0  # exited by itself, not SIGKILL
+    assert done.read_text() == "clean"
