@@ -531,7 +531,7 @@ class VLLMEngine:
                         self._broken = f"a weight load failed part-way ({result['error']})"
                     raise EngineError(f"VLLMEngine({self.model_path.name}): version {version} not loaded "
                                       f"({result['stage']}): {result['error']}")
-                if not await self._llm.reset_prefix_cache(reset_running_requests=True):
+                if not await self._open_llm(method).reset_prefix_cache(reset_running_requests=True):
                     log.warning("VLLMEngine(%s): the prefix cache was not reset", self.model_path.name)
                 self.version = version
                 self.last_weight_update = {k: v for k, v in result.items() if k != "ok"}
@@ -543,9 +543,16 @@ class VLLMEngine:
         log.info("VLLMEngine(%s): weights version %d (%s)", self.model_path.name, version,
                  self.last_weight_update)
 
+    def _open_llm(self, method: str) -> AsyncLLM:
+        """The AsyncLLM, or EngineError if close() took it (maybe while `method` ran)."""
+        if self._llm is None:
+            raise EngineError(f"VLLMEngine({self.model_path.name}).{method}: the engine was closed")
+        return self._llm
+
     async def _rpc(self, method: str, *args: Any, timeout: float) -> list[Any]:
+        llm = self._open_llm(method)
         try:
-            return await asyncio.wait_for(self._llm.collective_rpc(method, timeout=timeout, args=args),
+            return await asyncio.wait_for(llm.collective_rpc(method, timeout=timeout, args=args),
                                           timeout + _RPC_GRACE_S)
         except TimeoutError as exc:
             raise EngineError(f"VLLMEngine({self.model_path.name}): the vLLM worker did not answer "

@@ -238,7 +238,9 @@ async def test_a_trainer_killed_mid_broadcast_leaves_the_engine_serving_its_vers
 async def test_a_trainer_gets_an_error_within_its_deadline_when_the_engine_dies(engine, trainer):
     """Last: kills the module's engine, then checks that close() leaves nothing behind."""
     await join(engine, trainer)  # the group broke with the last test's trainer
-    plan = await trainer.call("plan", version=5)
+    # 4 MiB buckets, so that there are many (the CPU default makes 8 of this model).
+    plan = await trainer.call("plan", version=5, bucket_bytes=4 << 20)
+    assert len(plan["buckets"]) > 16
     receiving = asyncio.create_task(engine.receive_weights(plan, KILL_DEADLINE))
     # Stalled at bucket 8, the trainer has seen the first buckets through (it keeps only a
     # few in flight): the engine is in the middle of receiving when it dies.
