@@ -33,6 +33,10 @@ from .ref import ActorRef
 
 log = logging.getLogger(__name__)
 
+# The longest SIGTERM grace a process actor may ask for (Actor.stop_timeout): every wait
+# has a deadline, including a stop's.
+MAX_STOP_TIMEOUT_S = 600.0
+
 
 def class_path(cls: type) -> str:
     """``module:QualName`` for a class the child process can import."""
@@ -210,6 +214,10 @@ class SystemActor(Actor):
         if launch is None or launch[1].done():
             return
         spec, started = launch
+        if error is None and not (isinstance(stop_timeout, (int, float))
+                                  and 0 <= stop_timeout <= MAX_STOP_TIMEOUT_S):
+            error = (f"{spec['cls']}.stop_timeout must be a number of seconds in "
+                     f"[0, {MAX_STOP_TIMEOUT_S:g}], got {stop_timeout!r}")
         if error is None:
             started.set_result((ActorRef(address, spec["actor_id"], spec["name"]),
                                 float(stop_timeout)))

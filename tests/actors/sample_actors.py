@@ -349,6 +349,12 @@ class SlowOnStop(Actor):
         _write(self.path, "clean")
 
 
+class EndlessCleanup(Echo):
+    """Asks for more SIGTERM grace than a process actor may have."""
+
+    stop_timeout = 1e9
+
+
 class StuckOnStop(Actor):
     """An actor whose on_stop never returns."""
 

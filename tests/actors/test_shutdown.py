@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from actors import ActorDeadError, RemoteError
+from actors import ActorDeadError, RemoteError, SpawnError
 
 from .conftest import (
     assert_no_descendants,
@@ -22,7 +22,8 @@ from .conftest import (
     new_system,
     pid_alive,
 )
-from .sample_actors import Echo, Journal, Nest, SerialSleeper, SlowOnStop, StuckOnStop
+from .sample_actors import (Echo, EndlessCleanup, Journal, Nest, SerialSleeper, SlowOnStop,
+                            StuckOnStop)
 
 
 async def test_async_with_drains_stops_everything_and_leaves_no_process(tmp_path):
@@ -175,3 +176,9 @@ async def test_an_actor_whose_cleanup_is_slow_gets_its_stop_timeout(system, tmp_
         [child] = children
         assert await asyncio.wait_for(child.exited, 30) == 0  # exited by itself, not SIGKILL
     assert done.read_text() == "clean"
+
+
+async def test_a_process_actor_cannot_ask_for_an_unbounded_stop(system):
+    with pytest.raises(SpawnError, match="stop_timeout must be a number of seconds"):
+        await system.spawn(EndlessCleanup, where="process")
+    await assert_no_descendants()
