@@ -38,6 +38,7 @@ class Actor:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        check_stop_timeout(cls.stop_timeout, cls.__qualname__)
         for name, value in vars(cls).items():
             if name in _RESERVED and name not in _HOOKS and callable(value):
                 raise TypeError(f"{cls.__name__}.{name}: the name {name!r} belongs to the "
@@ -92,6 +93,19 @@ class Actor:
 
 _BASE_NAMES = frozenset(dir(Actor))
 _HOOKS = frozenset({"on_start", "on_stop", "on_terminated", "__init__"})
+
+# The longest cleanup an actor may ask for (Actor.stop_timeout): every wait has a deadline,
+# a stop's included.
+MAX_STOP_TIMEOUT_S = 600.0
+
+
+def check_stop_timeout(value: Any, owner: str) -> float:
+    """``value`` as a stop_timeout in seconds, or ValueError naming ``owner``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= MAX_STOP_TIMEOUT_S:
+        raise ValueError(f"{owner}.stop_timeout must be a number of seconds in "
+                         f"[0, {MAX_STOP_TIMEOUT_S:g}], got {value!r}")
+    return float(value)
 _RESERVED = frozenset(name for name in vars(Actor) if not name.startswith("__"))
 
 

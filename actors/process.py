@@ -27,15 +27,11 @@ import sys
 import uuid
 from typing import Any
 
-from .actor import Actor
+from .actor import Actor, check_stop_timeout
 from .errors import SpawnError
 from .ref import ActorRef
 
 log = logging.getLogger(__name__)
-
-# The longest SIGTERM grace a process actor may ask for (Actor.stop_timeout): every wait
-# has a deadline, including a stop's.
-MAX_STOP_TIMEOUT_S = 600.0
 
 
 def class_path(cls: type) -> str:
@@ -214,13 +210,13 @@ class SystemActor(Actor):
         if launch is None or launch[1].done():
             return
         spec, started = launch
-        if error is None and not (isinstance(stop_timeout, (int, float))
-                                  and 0 <= stop_timeout <= MAX_STOP_TIMEOUT_S):
-            error = (f"{spec['cls']}.stop_timeout must be a number of seconds in "
-                     f"[0, {MAX_STOP_TIMEOUT_S:g}], got {stop_timeout!r}")
         if error is None:
-            started.set_result((ActorRef(address, spec["actor_id"], spec["name"]),
-                                float(stop_timeout)))
+            try:  # checked again: it arrives over the wire
+                stop_timeout = check_stop_timeout(stop_timeout, spec["cls"])
+            except ValueError as exc:
+                error = str(exc)
+        if error is None:
+            started.set_result((ActorRef(address, spec["actor_id"], spec["name"]), stop_timeout))
         else:
             started.set_exception(SpawnError(error))
 

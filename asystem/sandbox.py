@@ -343,7 +343,7 @@ class _Zygote:
         if uid is None:
             return
         deadline = time.monotonic() + LEFTOVER_TIMEOUT_S
-        while left := _live_processes_of(uid):
+        while left := zygote.live_processes_of(uid):
             if time.monotonic() > deadline:
                 self.sandbox.counters["leftover_processes"] += len(left)
                 log.warning("sandbox zygote %d: processes %s of uid %d still there %.0fs after "
@@ -364,20 +364,3 @@ class _Zygote:
                 await self.proc.wait()
         except TimeoutError:
             await self.kill()
-
-
-def _live_processes_of(uid: int) -> list[int]:
-    """pids of `uid`'s processes that have not exited (zombies excluded), from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
-                    continue
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    state = f.read().rsplit(b")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-            if state not in (b"Z", b"X"):
-                pids.append(int(entry))
-    return pids

@@ -588,14 +588,30 @@ def _set_limits(limits: dict, nproc_base: int) -> None:
 def _count_user_processes(uid: int) -> int:
     """Threads of `uid` now: RLIMIT_NPROC counts threads, of every process of the user."""
     count = 0
+    for pid in processes_of(uid):
+        try:
+            count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:  # it has ended meanwhile
+            pass
+    return count
+
+
+def processes_of(uid: int) -> list[int]:
+    """pids of `uid`'s processes now, zombies included (from /proc)."""
+    pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 if os.stat(f"/proc/{entry}").st_uid == uid:
-                    count += len(os.listdir(f"/proc/{entry}/task"))
-            except OSError:
+                    pids.append(int(entry))
+            except OSError:  # it has ended meanwhile
                 pass
-    return count
+    return pids
+
+
+def live_processes_of(uid: int) -> list[int]:
+    """pids of `uid`'s processes that have not exited (zombies left out)."""
+    return [pid for pid in processes_of(uid) if _running(pid)]
 
 
 # -- basic mode guards ---------------------------------------------------------------------------

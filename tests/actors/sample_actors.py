@@ -349,12 +349,6 @@ class SlowOnStop(Actor):
         _write(self.path, "clean")
 
 
-class EndlessCleanup(Echo):
-    """Asks for more SIGTERM grace than a process actor may have."""
-
-    stop_timeout = 1e9
-
-
 class StuckOnStop(Actor):
     """An actor whose on_stop never returns."""
 
