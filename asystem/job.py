@@ -164,7 +164,8 @@ def make_scheduler(config: TrainConfig):
     s, g = config.scheduler, config.rollout.group_size
     if s.kind == "c3po":
         return C3POScheduler(C3POConfig(group_size=g, infer_capacity=s.infer_capacity, token_budget=s.token_budget,
-                                        retention_limit=s.retention_limit, requeue_dropped=s.requeue_dropped))
+                                        retention_limit=s.retention_limit, requeue_dropped=s.requeue_dropped,
+                                        train_capacity=s.train_capacity))
     if s.kind == "sync":
         return SyncScheduler(SyncConfig(group_size=g, groups_per_step=s.groups_per_step,
                                         requeue_dropped=s.requeue_dropped))

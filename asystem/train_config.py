@@ -72,6 +72,9 @@ class SchedulerConfig:
     """sigma: steps an unfinished rollout may live through (c3po)."""
     infer_capacity: int = 64
     """Omega_infer: most unfinished rollouts at once (c3po)."""
+    train_capacity: int | None = None
+    """Omega_train: most live rollouts (decoding or waiting to train); set, the engines decode
+    ahead of the trainer within it instead of stopping at C >= Phi (c3po; ring/scheduler.py)."""
     groups_per_step: int = 4
     """Prompts per step (sync)."""
     requeue_dropped: bool = True

@@ -39,6 +39,18 @@ Choices where the report is silent (also in docs/algorithms.md):
   holds at least Phi tokens and less than Phi plus the tokens of its last group. Complete
   groups beyond that stay for the next step (counting towards its C). `admit` refills only
   while C < Phi, as in step 2. Prompt tokens do not count.
+- Decoding ahead (Omega_train). The report's step 2 admits only while C < Phi. In an
+  asynchronous pipeline that starts prompts in bursts: once a step's batch is complete
+  nothing starts until the trainer takes it, and the engines then run a refill of up to
+  Omega_infer rollouts that all start (and end) together, idle while the trainer drains the
+  backlog they made. With `train_capacity` (Omega_train, the report's training-pool
+  capacity, counted here over every live rollout, unfinished or waiting) admission ignores
+  C and goes on while G more live rollouts fit: the engines decode ahead of the trainer by
+  at most Omega_train - Phi worth of rollouts, and a group starts whenever one is trained,
+  so the pool stays evenly filled. Staleness grows with the lead (a rollout waits about
+  Omega_train / batch steps from its start to its training step); IcePop masks what
+  drifted too far. So that a pool too small to reach Phi cannot stall, admission also
+  goes on whenever nothing is decoding and C < Phi.
 - Retention. A rollout's retention is the number of step ends it has lived through
   unfinished. At a step end, a rollout with retention already sigma is dropped instead of
   carried over, so a live rollout always has retention <= sigma and is decoded by at most
@@ -85,6 +97,11 @@ class C3POConfig:
     """sigma: most step ends a rollout may live through unfinished before it is dropped."""
     requeue_dropped: bool = False
     """Requeue a dropped group's prompt (ahead of new prompts) instead of discarding it."""
+    train_capacity: int | None = None
+    """Omega_train: most live rollouts (unfinished, or finished and not yet trained). None:
+    admit only while C < Phi, as the report's step 2. Set, admission goes on past C >= Phi
+    while the live rollouts stay within it, so that the engines decode ahead of the trainer
+    by a bounded amount (see the module docstring)."""
 
     def __post_init__(self) -> None:
         _positive("C3POConfig.group_size", self.group_size)
@@ -92,6 +109,10 @@ class C3POConfig:
         if self.infer_capacity < self.group_size:
             raise ValueError(
                 f"C3POConfig.infer_capacity ({self.infer_capacity}) must be >= group_size ({self.group_size})"
+            )
+        if self.train_capacity is not None and self.train_capacity < self.group_size:
+            raise ValueError(
+                f"C3POConfig.train_capacity ({self.train_capacity}) must be >= group_size ({self.group_size})"
             )
         if self.retention_limit < 0:
             raise ValueError(f"C3POConfig.retention_limit must be >= 0, got {self.retention_limit}")
@@ -396,7 +417,9 @@ class _RolloutPool:
             raise ValueError(
                 f"load_state_dict: state is for a {state.get('kind')!r} scheduler, this is {self._kind!r}"
             )
-        if state["config"] != self._config_dict():
+        # A field added since the checkpoint was written counts at its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
+        if defaults | state["config"] != self._config_dict():
             raise ValueError(f"load_state_dict: config {state['config']} differs from {self._config_dict()}")
         trajs = [Trajectory.from_dict(t) for t in state["trajectories"]]
         groups = [
@@ -447,18 +470,29 @@ class C3POScheduler(_RolloutPool):
         self.config = config
 
     def admit(self, prompts: Iterator[Prompt]) -> list[Trajectory]:
-        """Start whole groups while G inference slots are free and the budget is not met.
+        """Start whole groups while G inference slots are free and the budget is not met
+        (with `train_capacity`: while G more live rollouts fit in Omega_train).
 
         Requeued prompts go first, then `prompts` is advanced once per new group (never
         further). Returns copies of the new trajectories (ids, prompt tokens) to decode.
         """
         started: list[Trajectory] = []
-        while not self.ready() and self._num_in_flight + self.config.group_size <= self.config.infer_capacity:
+        while self._may_admit():
             prompt = self._next_prompt(prompts)
             if prompt is None:
                 break
             started += self._start_group(prompt)
         return started
+
+    def _may_admit(self) -> bool:
+        g, config = self.config.group_size, self.config
+        if self._num_in_flight + g > config.infer_capacity:
+            return False
+        if config.train_capacity is None:
+            return not self.ready()
+        # Decoding ahead, bounded by Omega_train; and never a stall: a pool too small to
+        # ever reach Phi still admits once nothing is left decoding.
+        return len(self._trajs) + g <= config.train_capacity or (self._num_in_flight == 0 and not self.ready())
 
     def ready(self) -> bool:
         """True when complete groups hold at least Phi response tokens (C >= Phi)."""

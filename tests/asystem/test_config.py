@@ -70,3 +70,13 @@ def test_round_trip_through_plain_data():
     config = load_config(TrainConfig, None, ["rollout.workers=3"])
     from asystem.config import from_dict
     assert from_dict(TrainConfig, to_dict(config)) == config
+
+
+def test_the_scheduler_section_reaches_the_scheduler():
+    from asystem.job import make_scheduler
+
+    config = load_config(TrainConfig, None, ["scheduler.infer_capacity=32", "scheduler.train_capacity=48",
+                                             "scheduler.retention_limit=3"])
+    scheduler = make_scheduler(config).config
+    assert (scheduler.infer_capacity, scheduler.train_capacity, scheduler.retention_limit) == (32, 48, 3)
+    assert make_scheduler(load_config(TrainConfig)).config.train_capacity is None  # the report's rule

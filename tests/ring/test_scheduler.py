@@ -35,8 +35,10 @@ def finish(s, traj_id, n, reason="eos", reward=1.0):
     return s.on_finished(traj_id, reason, reward)
 
 
-def c3po(group_size=2, infer_capacity=6, token_budget=10, retention_limit=2, requeue_dropped=False):
-    return C3POScheduler(C3POConfig(group_size, infer_capacity, token_budget, retention_limit, requeue_dropped))
+def c3po(group_size=2, infer_capacity=6, token_budget=10, retention_limit=2, requeue_dropped=False,
+          train_capacity=None):
+    return C3POScheduler(C3POConfig(group_size, infer_capacity, token_budget, retention_limit, requeue_dropped,
+                                    train_capacity))
 
 
 def ids(trajectories):
@@ -103,6 +105,36 @@ def test_admit_stops_when_the_prompt_source_runs_dry():
     s = c3po()
     assert len(s.admit(iter([Prompt("only", (1,))]))) == 2
     assert s.admit(iter([])) == []
+
+
+def test_with_a_training_pool_capacity_admission_goes_on_past_the_budget():
+    s, prompts = c3po(group_size=2, infer_capacity=4, token_budget=4, train_capacity=8), Prompts()
+    assert ids(s.admit(prompts)) == [0, 1, 2, 3]  # Omega_infer = 4
+    finish(s, 0, 2)
+    finish(s, 1, 2)
+    assert s.ready()
+    # C >= Phi, yet a group starts: 6 live rollouts fit in Omega_train = 8.
+    assert ids(s.admit(prompts)) == [4, 5]
+    finish(s, 2, 2)
+    finish(s, 3, 2)
+    assert ids(s.admit(prompts)) == [6, 7]  # 8 live: 4 waiting to train, 4 decoding
+    finish(s, 4, 1)
+    finish(s, 5, 1)
+    assert s.admit(prompts) == []  # slots are free, but the pool is full
+    assert ids(s.take_batch().trajectories) == [0, 1]
+    assert ids(s.admit(prompts)) == [8, 9]  # a trained group makes room for one more
+    assert s.admit(prompts) == []
+
+
+def test_a_training_pool_too_small_for_the_budget_does_not_stall():
+    s, prompts = c3po(group_size=2, infer_capacity=4, token_budget=10, train_capacity=2), Prompts()
+    assert ids(s.admit(prompts)) == [0, 1]
+    finish(s, 0, 2)
+    assert s.admit(prompts) == []  # one rollout still decodes: it may yet reach Phi
+    finish(s, 1, 2)
+    assert not s.ready()
+    assert ids(s.admit(prompts)) == [2, 3]  # nothing decodes and C < Phi: admit anyway
+    assert s.admit(prompts) == []
 
 
 # -- C3PO++: groups, carry-over, retention -------------------------------------------------------
@@ -232,6 +264,8 @@ def test_config_is_validated():
         C3POConfig(group_size=4, infer_capacity=3, token_budget=1, retention_limit=0)
     with pytest.raises(ValueError, match="retention_limit"):
         C3POConfig(group_size=1, infer_capacity=3, token_budget=1, retention_limit=-1)
+    with pytest.raises(ValueError, match="train_capacity"):
+        C3POConfig(group_size=4, infer_capacity=4, token_budget=1, retention_limit=0, train_capacity=3)
 
 
 # -- the synchronous schedule -----------------------------------------------------------------
@@ -342,6 +376,7 @@ def c3po_configs(draw):
         token_budget=draw(st.integers(1, 15)),
         retention_limit=draw(st.integers(0, 3)),
         requeue_dropped=draw(st.booleans()),
+        train_capacity=draw(st.one_of(st.none(), st.integers(g, 6 * g))),
     )
 
 
@@ -422,6 +457,7 @@ class Model:
     def observe(self, s, op, out, version_before):
         kind = out[0]
         if kind == "admit":
+            self.check_admission_stopped(s)
             for t in out[1]:
                 assert t["traj_id"] not in self.group_of, "trajectory id reused"
                 self.group_of[t["traj_id"]] = t["group_id"]
@@ -448,6 +484,16 @@ class Model:
         elif kind == "take" and out[1] != "refused":
             event("a step ended with a non-empty batch" if out[1]["groups"] else "a step ended empty")
             self.check_batch(Batch.from_dict(out[1]), forced=op[1], version=version_before)
+
+    def check_admission_stopped(self, s):
+        """`admit` (with prompts to spare) stops exactly where the rules say."""
+        g, live = self.config.group_size, len(s.in_flight() + s.waiting())
+        if not isinstance(self.config, C3POConfig) or s.num_in_flight + g > self.config.infer_capacity:
+            return
+        if self.config.train_capacity is None:
+            assert s.ready()
+        else:
+            assert live + g > self.config.train_capacity and (s.num_in_flight > 0 or s.ready())
 
     def check_batch(self, batch, forced, version):
         g = self.config.group_size
@@ -502,6 +548,8 @@ class Model:
         if isinstance(self.config, C3POConfig):
             assert s.ready() == (complete_tokens >= self.config.token_budget)
             assert s.num_in_flight <= self.config.infer_capacity
+            if self.config.train_capacity is not None:  # beyond it only by the no-stall rule
+                assert len(live) <= max(self.config.train_capacity, len(s.waiting()) + self.config.infer_capacity)
             for t in live_trajs:
                 assert t.retention <= self.config.retention_limit
             for t in s.in_flight():  # retention = step ends lived through unfinished
