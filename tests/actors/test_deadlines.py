@@ -3,6 +3,7 @@ and the deadline, and work nobody waits for any more is cancelled or skipped."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -68,3 +69,28 @@ async def test_default_timeout_applies_when_none_is_given():
         sleeper = await system.spawn(Sleeper)
         with pytest.raises(AskTimeout, match="0.5s deadline"):
             await sleeper.ask("nap", 10)
+
+
+@pytest.mark.parametrize("where", WHERE)
+async def test_deadlines_of_many_calls_hold_and_leave_nothing_behind(system, where):
+    # Calls share deadline timers (actors.system._Deadlines): each must still end at its
+    # own deadline, never before it, and the shared timers must go once no call needs them.
+    sleeper = await system.spawn(Sleeper, where=where)
+
+    async def timed(seconds, timeout):
+        started = time.monotonic()
+        try:
+            await sleeper.ask("nap", seconds, timeout=timeout)
+            return "answered", time.monotonic() - started
+        except AskTimeout:
+            return "expired", time.monotonic() - started
+
+    results = await asyncio.gather(*(timed(0.05 if i % 2 else 5, 0.3 + 0.002 * i) for i in range(4)),
+                                   *(timed(0, 30) for _ in range(40)))
+    for i, (outcome, elapsed) in enumerate(results[:4]):
+        if i % 2:
+            assert outcome == "answered"
+        else:
+            assert outcome == "expired" and 0.3 + 0.002 * i <= elapsed < 3, (i, elapsed)
+    assert all(outcome == "answered" for outcome, _ in results[4:])
+    assert system._deadlines._slots == {}
