@@ -46,8 +46,8 @@ Choices where the report is silent (also in docs/algorithms.md):
   backlog they made. With `train_capacity` (Omega_train, the report's training-pool
   capacity, counted here over every live rollout, unfinished or waiting) admission ignores
   C and goes on while G more live rollouts fit: the engines decode ahead of the trainer by
-  at most Omega_train - Phi worth of rollouts, and a group starts whenever one is trained,
-  so the pool stays evenly filled. Staleness grows with the lead (a rollout waits about
+  at most Omega_train rollouts, and a group starts whenever one is trained, so the
+  inference pool stays evenly filled. Staleness grows with the lead (a rollout waits about
   Omega_train / batch steps from its start to its training step); IcePop masks what
   drifted too far. So that a pool too small to reach Phi cannot stall, admission also
   goes on whenever nothing is decoding and C < Phi.
