@@ -93,6 +93,7 @@ class Actor:
 
 _BASE_NAMES = frozenset(dir(Actor))
 _HOOKS = frozenset({"on_start", "on_stop", "on_terminated", "__init__"})
+_RESERVED = frozenset(name for name in vars(Actor) if not name.startswith("__"))
 
 # The longest cleanup an actor may ask for (Actor.stop_timeout): every wait has a deadline,
 # a stop's included.
@@ -106,7 +107,6 @@ def check_stop_timeout(value: Any, owner: str) -> float:
         raise ValueError(f"{owner}.stop_timeout must be a number of seconds in "
                          f"[0, {MAX_STOP_TIMEOUT_S:g}], got {value!r}")
     return float(value)
-_RESERVED = frozenset(name for name in vars(Actor) if not name.startswith("__"))
 
 
 def public_methods(cls) -> dict[str, Callable]:
