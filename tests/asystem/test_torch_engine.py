@@ -31,7 +31,7 @@ def model_dir():
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def engine(model_dir):
     """One engine for the tests that leave its weights alone."""
-    eng = TorchEngine(model_dir, dtype=torch.float32, device="cpu", max_batch=4)
+    eng = TorchEngine(model_dir, dtype=torch.float32, max_batch=4)  # on ASYSTEM_DEVICE
     await asyncio.wait_for(eng.start(), 60)
     yield eng
     await eng.close()
@@ -40,7 +40,7 @@ async def engine(model_dir):
 @pytest_asyncio.fixture(loop_scope="module")
 async def fresh_engine(model_dir):
     """An engine of its own, for tests that change weights or break things."""
-    eng = TorchEngine(model_dir, dtype=torch.float32, device="cpu", max_batch=4)
+    eng = TorchEngine(model_dir, dtype=torch.float32, max_batch=4)  # on ASYSTEM_DEVICE
     await asyncio.wait_for(eng.start(), 60)
     yield eng
     await eng.close()
@@ -360,14 +360,20 @@ async def test_close_ends_open_streams_and_health_says_so(model_dir):
 
 async def test_weights_received_from_the_broadcast_group(fresh_engine, model_dir, reference):
     weights = pytest.importorskip("asystem.weights")
+    on_cuda = fresh_engine.device.type == "cuda"
+    if on_cuda and torch.cuda.device_count() < 2:
+        pytest.skip("on CUDA this needs 2 GPUs: NCCL puts the trainer's rank and the engine's on one each")
     new = perturbed(model_dir, seed=3)
-    spec = weights.WeightSyncSpec("127.0.0.1", weights.free_port(), world_size=2, timeout_s=30)
+    spec = weights.WeightSyncSpec("127.0.0.1", weights.free_port(), world_size=2, timeout_s=30,
+                                  backend="nccl" if on_cuda else "gloo")
     plan = weights.BucketPlan.build(4, new.items(), bucket_bytes=1 << 20)
     sent = {}
+    trainer_device = torch.device("cuda", (fresh_engine.device.index or 0) + 1) if on_cuda else None
+    new_there = {k: v.to(trainer_device) for k, v in new.items()} if on_cuda else new
 
     def trainer():  # rank 0, as the trainer process would run it
-        with weights.WeightGroup.join(spec, 0) as group:
-            sent["stats"] = weights.WeightSender(group).send(plan, new.items(), timeout=30)
+        with weights.WeightGroup.join(spec, 0, trainer_device) as group:
+            sent["stats"] = weights.WeightSender(group).send(plan, new_there.items(), timeout=30)
 
     thread = threading.Thread(target=trainer)
     thread.start()
@@ -394,7 +400,7 @@ async def test_smollm2_bf16_answers_a_chat_prompt_like_transformers():
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
                                          add_generation_prompt=True, tokenize=False)
     prompt = tokenizer(text, add_special_tokens=False).input_ids
-    eng = TorchEngine(path, dtype=torch.bfloat16, device="cpu", max_batch=4)
+    eng = TorchEngine(path, dtype=torch.bfloat16, max_batch=4)  # on ASYSTEM_DEVICE
     await asyncio.wait_for(eng.start(), 120)
     try:
         sampling = SamplingParams(temperature=0, max_tokens=48)
