@@ -83,9 +83,9 @@ def _worker_config(config: TrainConfig, model_path: Path) -> dict[str, Any]:
 
     backend = config.rollout.backend
     if backend == "auto":  # decided here, so that only vLLM gets vLLM's options
-        import importlib.util
+        from .rollout import auto_backend
 
-        backend = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
+        backend = auto_backend()
     options: dict[str, Any] = {}
     if backend == "vllm" and config.rollout.gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization

@@ -38,7 +38,8 @@ class TaskConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "auto"
-    """"vllm", "torch", or "auto" (vLLM when importable, else the torch engine)."""
+    """"vllm", "torch", or "auto": vLLM on CUDA where it is installed, else the torch engine
+    (on CPUs the faster one: `asystem.rollout.auto_backend`)."""
     workers: int = 1
     """Rollout workers, one engine each."""
     group_size: int = 8

@@ -10,7 +10,8 @@ the other on this machine:
 - TRL: `trl.GRPOTrainer` as its documentation sets it up, in this process: it generates
   with transformers' `generate`, then takes one optimizer step, all on this host's cores.
   A callback stamps the end of every step.
-- asystem: `asystem.job.train` (a vLLM rollout worker, a trainer rank, reward workers, the
+- asystem: `asystem.job.train` (a rollout worker with the job's default engine, which is
+  the torch engine on CPUs, or `--engine`'s; a trainer rank, reward workers, the
   controller) with the synchronous scheduler and `groups_per_step` = samples / G, so that
   every step trains exactly the same number of samples as TRL's. Then, unless `--no-c3po`,
   the default C3PO++ scheduler with its token budget Phi set from the sync run's mean

@@ -5,6 +5,7 @@ progress stream, cancel, pause / weight update / resume in "keep" and "resubmit"
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import contextlib
 import sys
 from collections import defaultdict
@@ -312,6 +313,18 @@ async def test_requests_the_engine_fails_end_as_aborted(workers, progress_of, or
 async def test_engine_start_up_has_a_deadline(module_system):
     with pytest.raises(SpawnError, match="did not start within"):
         await module_system.spawn(RolloutWorker, config("keep", start_timeout_s=0.001), timeout=60)
+
+
+async def test_auto_takes_vllm_on_cuda_only_and_the_torch_engine_elsewhere(monkeypatch):
+    import asystem.rollout as rollout
+
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    monkeypatch.setattr(rollout, "on_gpu", lambda: False)
+    assert rollout.auto_backend() == "torch"
+    monkeypatch.setattr(rollout, "on_gpu", lambda: True)
+    assert rollout.auto_backend() == ("vllm" if have_vllm else "torch")
+    monkeypatch.setattr(rollout.importlib.util, "find_spec", lambda name: None)
+    assert rollout.auto_backend() == "torch"
 
 
 async def test_a_missing_vllm_is_named_with_what_to_install(monkeypatch):
