@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import time
@@ -541,8 +542,7 @@ class _Batch:
             self.rows, self.past, self.mask = list(seqs), past, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        self.past = [(_with_slack(torch.cat([_pad_left(k0, width), _pad_left(k1, width)])),
-                      _with_slack(torch.cat([_pad_left(v0, width), _pad_left(v1, width)])))
+        self.past = [(_stacked(k0, k1, width), _stacked(v0, v1, width))
                      for (k0, v0), (k1, v1) in zip(self.past, past)]
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.rows.extend(seqs)
@@ -558,8 +558,9 @@ class _Batch:
         mask = self.mask[index]
         first = int(mask.any(0).int().argmax())  # columns before it are padding in every row
         self.mask = mask[:, first:]
-        self.past = [(_with_slack(k[index.to(k.device), :, first:]), _with_slack(v[index.to(v.device), :, first:]))
-                     for k, v in self.past]
+        self.past = [tuple(torch.index_select(t[:, :, first:], 0, index.to(t.device),
+                                              out=_slack_buffer(t, len(keep), t.shape[2] - first))
+                           for t in kv) for kv in self.past]
         self.rows = [self.rows[i] for i in keep]
 
 
@@ -586,19 +587,36 @@ def _append(cache: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return grown
 
 
+def _slack_buffer(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """An uninitialised [rows, heads, width, dim] view (heads and dim as `like`'s) of a
+    buffer with `_SLACK_COLUMNS` more columns, for `_append` to fill in place."""
+    _, heads, _, dim = like.shape
+    return like.new_empty(rows, heads, width + _SLACK_COLUMNS, dim)[:, :, :width]
+
+
 def _with_slack(t: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """A copy of `t` [rows, heads, n, dim] in a buffer with room for `width` (default n)
-    plus `_SLACK_COLUMNS` columns, viewed as `width` columns (those past n uninitialised)."""
-    rows, heads, n, dim = t.shape
-    width = n if width is None else width
-    grown = t.new_empty(rows, heads, width + _SLACK_COLUMNS, dim)[:, :, :width]
-    grown[:, :, :n] = t
+    """A copy of `t` [rows, heads, n, dim] in a slack buffer viewed as `width` columns
+    (default n; those past n uninitialised)."""
+    grown = _slack_buffer(t, t.shape[0], t.shape[2] if width is None else width)
+    grown[:, :, :t.shape[2]] = t
     return grown
 
 
-def _slack_cache(past: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A transformers `DynamicCache` holding `past` whose layers append with `_append`."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+def _stacked(top: torch.Tensor, bottom: torch.Tensor, width: int) -> torch.Tensor:
+    """`top`'s rows then `bottom`'s, each left-padded with zeros to `width` columns, copied
+    once into a slack buffer."""
+    out = _slack_buffer(top, top.shape[0] + bottom.shape[0], width)
+    for part, rows in ((top, out[:top.shape[0]]), (bottom, out[top.shape[0]:])):
+        pad = width - part.shape[2]
+        rows[:, :, :pad] = 0
+        rows[:, :, pad:] = part
+    return out
+
+
+@functools.cache
+def _slack_layer() -> type:
+    """transformers' `DynamicLayer`, appending with `_append` (one class, made once)."""
+    from transformers.cache_utils import DynamicLayer
 
     class SlackLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
@@ -607,25 +625,27 @@ def _slack_cache(past: list[tuple[torch.Tensor, torch.Tensor]]):
             self.keys, self.values = _append(self.keys, key_states), _append(self.values, value_states)
             return self.keys, self.values
 
+    return SlackLayer
+
+
+def _slack_cache(past: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A transformers `DynamicCache` holding `past` whose layers append with `_append`."""
+    from transformers.cache_utils import DynamicCache
+
+    layer_class = _slack_layer()
     cache = DynamicCache()
-    cache.layer_class_to_replicate = SlackLayer  # the layers a prefill creates
+    cache.layer_class_to_replicate = layer_class  # the layers a prefill creates
     for keys, values in past:
-        layer = SlackLayer()
+        layer = layer_class()
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
         cache.layers.append(layer)
     return cache
 
 
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad the column dimension (dim 2 of a cache tensor, dim 1 of a mask) with zeros on the left."""
-    dim = 2 if t.dim() == 4 else 1
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """`mask` [rows, columns] padded with zeros on the left to `width` columns."""
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
 
 
 def _as_list(value) -> list:

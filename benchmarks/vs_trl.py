@@ -216,7 +216,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("asystem.job").setLevel(logging.INFO)  # start-up and evaluation progress
     shape = {"samples": args.samples, "group": args.group, "max_tokens": args.max_tokens, "steps": args.steps}
-    engine = {"engine": args.engine}
     model_path = resolve_model(args.model)
     loads = [load()]
     say(f"{args.model}: {args.samples} samples/step, G={args.group}, {args.max_tokens} new tokens, "
@@ -227,7 +226,7 @@ def main() -> None:
         trl = run_trl(model_path, out=Path(tmp) / "trl", **shape)
         loads.append(load())
         say(f"asystem, sync scheduler... ({loads[-1]})")
-        sync = run_asystem(args.model, out=Path(tmp) / "sync", **shape, **engine)
+        sync = run_asystem(args.model, out=Path(tmp) / "sync", **shape, engine=args.engine)
         sync["overlap_efficiency"] = overlap(sync, sync)
         results = {"TRL GRPOTrainer": trl, "asystem sync": sync}
         if not args.no_c3po:
@@ -237,7 +236,7 @@ def main() -> None:
             loads.append(load())
             say(f"asystem, C3PO++ scheduler (token budget {budget})... ({loads[-1]})")
             results["asystem c3po"] = c3po = run_asystem(args.model, out=Path(tmp) / "c3po", token_budget=budget,
-                                                         **shape, **engine)
+                                                         **shape, engine=args.engine)
             c3po["overlap_efficiency"] = overlap(c3po, sync)
     loads.append(load())
     say(f"done in {time.monotonic() - started:.0f}s; {loads[-1]}\n")
