@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from actors import Actor
+from asystem.malloc import trainer_env
 from asystem.trainer import DTYPES, Trainer, TrainerConfig
 from ring.trajectory import Trajectory
 
@@ -65,7 +66,8 @@ class TrainerRank(Actor):
         return await self._run(self.trainer.setup, master_addr, master_port, timeout_s)
 
     async def info(self) -> dict:
-        return await self._run(self.trainer.info)
+        """`Trainer.info()`, and the malloc settings this process runs with (asystem/malloc.py)."""
+        return {**await self._run(self.trainer.info), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
     async def train_step(self, trajectories: list[dict], advantages: list[float] | None = None) -> dict:
         """*Collective.* `Trainer.train_step` on `Trajectory.to_dict()`s; returns the metrics."""
@@ -202,12 +204,14 @@ class TrainerGroup:
         cpu_count / world_size threads unless `torch_threads` says otherwise. `slots`
         (asystem.placement.Slot per rank) runs each rank at its slot's `where` with its
         `env` instead; `master_addr` must then be rank 0's host, `master_port` free there.
+        Each rank's process starts with the malloc settings of asystem/malloc.py.
         """
         port = master_port or free_port(master_addr)
         threads = torch_threads or max(1, (os.cpu_count() or 1) // world_size)
         spawned = await asyncio.gather(*(
             system.spawn(TrainerRank, config.to_dict(), rank, world_size, threads, timeout=timeout_s,
-                         where=slots[rank].where if slots else "process", env=slots[rank].env if slots else None)
+                         where=slots[rank].where if slots else "process",
+                         env={**trainer_env(), **(slots[rank].env if slots else {})})
             for rank in range(world_size)), return_exceptions=True)
         group = cls(system, [r for r in spawned if not isinstance(r, BaseException)])
         try:

@@ -16,8 +16,9 @@ the other on this machine:
   every step trains exactly the same number of samples as TRL's. Then, unless `--no-c3po`,
   the default C3PO++ scheduler with its token budget Phi set from the sync run's mean
   response length so that a step holds about the same number of samples (its own count
-  is used for its figures), and at most one step's samples decoding at once
-  (`scheduler.infer_capacity`), so that it decodes one batch ahead.
+  is used for its figures), and at most `--ahead` (default 2) steps' samples decoding at
+  once (`scheduler.infer_capacity`, Omega_infer), so that it decodes up to that many
+  batches ahead of the trainer.
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
@@ -141,7 +142,7 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
 # -- asystem -------------------------------------------------------------------------------------
 
 def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
-                token_budget: int | None = None, engine: str = "auto") -> dict[str, Any]:
+                token_budget: int | None = None, engine: str = "auto", ahead: int = 2) -> dict[str, Any]:
     """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
     with `token_budget`; all timed."""
     overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
@@ -155,13 +156,15 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
     if token_budget is None:
         overrides += ["scheduler.kind=sync", f"scheduler.groups_per_step={samples // group}"]
     else:
-        # Omega_infer of one step's samples: the engine decodes the next batch while the
-        # trainer trains this one. The default 64 is sized for the main job's 40-56 samples
-        # a step; with 16 it decodes four batches ahead, serially at the start, and the
-        # steps that train that backlog leave the engine idle (a 4-step run measured no
-        # overlap at all: generation + training + sync = step time).
+        # Omega_infer of `ahead` steps' samples: the engine decodes the next batches while
+        # the trainer trains this one. The default 64 is sized for the main job's 40-56
+        # samples a step; with 16 it decodes four batches ahead, serially at the start, and
+        # the steps that train that backlog leave the engine idle (a 4-step run measured no
+        # overlap at all). Two batches ahead suits the torch engine: a decode step of 32
+        # rows costs little more than one of 16 (both stream the same weights from memory):
+        # see docs/training.md, "Against TRL".
         overrides += ["scheduler.kind=c3po", f"scheduler.token_budget={token_budget}",
-                      f"scheduler.infer_capacity={samples}"]
+                      f"scheduler.infer_capacity={ahead * samples}"]
     summary = asyncio.run(train(load_config(TrainConfig, None, overrides)))
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step" in r]
     if len(records) != steps or summary.get("steps") != steps:
@@ -206,6 +209,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4, help="G: completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
+    parser.add_argument("--ahead", type=int, default=2,
+                        help="C3PO++: at most this many steps' samples decoding at once (Omega_infer)")
     parser.add_argument("--quick", action="store_true", help="4 steps per contender")
     args = parser.parse_args()
     if args.quick:
@@ -236,7 +241,7 @@ def main() -> None:
             loads.append(load())
             say(f"asystem, C3PO++ scheduler (token budget {budget})... ({loads[-1]})")
             results["asystem c3po"] = c3po = run_asystem(args.model, out=Path(tmp) / "c3po", token_budget=budget,
-                                                         **shape, engine=args.engine)
+                                                         **shape, engine=args.engine, ahead=args.ahead)
             c3po["overlap_efficiency"] = overlap(c3po, sync)
     loads.append(load())
     say(f"done in {time.monotonic() - started:.0f}s; {loads[-1]}\n")
@@ -247,7 +252,7 @@ def main() -> None:
     # The headline figures are the default pipeline's (C3PO++); --no-c3po gives the sync
     # run's ratio and no overlap figure (it needs both runs).
     main_run = sync if args.no_c3po else c3po
-    report = {"model": args.model, "engine": args.engine, "samples_per_step": args.samples, "group_size": args.group,
+    report = {"model": args.model, "engine": args.engine, "ahead": args.ahead, "samples_per_step": args.samples, "group_size": args.group,
               "max_tokens": args.max_tokens, "timed_steps": args.steps, "load_averages": loads,
               "samples_per_s_ratio_vs_trl": main_run["samples_per_s"] / trl["samples_per_s"],
               "overlap_efficiency": None if args.no_c3po else c3po["overlap_efficiency"],

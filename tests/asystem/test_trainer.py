@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from actors import Actor
 from asystem.device import collective_backend, device
+from asystem.malloc import TUNABLES
 from asystem.models import tiny_llama
 from asystem.trainer import Trainer, TrainerConfig, learning_rate
 from asystem.trainer_ranks import TrainerGroup, free_port
@@ -446,6 +447,7 @@ async def test_two_fsdp_ranks_make_the_same_update_as_one(tiny, reference, syste
     try:
         info = await group.info()
         assert [i["rank"] for i in info] == [0, 1]
+        assert info[0]["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", TUNABLES)
         assert sum(i["local_parameters"] for i in info) == info[0]["parameters"] > info[0]["local_parameters"]
         initial = await group.gather_weights("fp32")
         assert max_diff(initial, {k: v for k, v in reference.state_dict().items() if k in initial}) == 0.0
