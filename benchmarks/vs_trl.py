@@ -16,9 +16,9 @@ the other on this machine:
   every step trains exactly the same number of samples as TRL's. Then, unless `--no-c3po`,
   the default C3PO++ scheduler with its token budget Phi set from the sync run's mean
   response length so that a step holds about the same number of samples (its own count
-  is used for its figures), and at most `--ahead` (default 2) steps' samples decoding at
-  once (`scheduler.infer_capacity`, Omega_infer), so that it decodes up to that many
-  batches ahead of the trainer.
+  is used for its figures), and at most `--ahead` (default 1) steps' samples decoding at
+  once (`scheduler.infer_capacity`, Omega_infer), so that it decodes that many batches
+  ahead of the trainer.
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
@@ -142,7 +142,7 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
 # -- asystem -------------------------------------------------------------------------------------
 
 def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
-                token_budget: int | None = None, engine: str = "auto", ahead: int = 2) -> dict[str, Any]:
+                token_budget: int | None = None, engine: str = "auto", ahead: int = 1) -> dict[str, Any]:
     """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
     with `token_budget`; all timed."""
     overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
@@ -160,9 +160,8 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
         # the trainer trains this one. The default 64 is sized for the main job's 40-56
         # samples a step; with 16 it decodes four batches ahead, serially at the start, and
         # the steps that train that backlog leave the engine idle (a 4-step run measured no
-        # overlap at all). Two batches ahead suits the torch engine: a decode step of 32
-        # rows costs little more than one of 16 (both stream the same weights from memory):
-        # see docs/training.md, "Against TRL".
+        # overlap at all). Two batches ahead (`--ahead 2`: the torch engine decodes 32 rows
+        # for little more than the cost of 16) measured no better: docs/training.md.
         overrides += ["scheduler.kind=c3po", f"scheduler.token_budget={token_budget}",
                       f"scheduler.infer_capacity={ahead * samples}"]
     summary = asyncio.run(train(load_config(TrainConfig, None, overrides)))
@@ -209,12 +208,14 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4, help="G: completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
-    parser.add_argument("--ahead", type=int, default=2,
+    parser.add_argument("--ahead", type=int, default=1,
                         help="C3PO++: at most this many steps' samples decoding at once (Omega_infer)")
     parser.add_argument("--quick", action="store_true", help="4 steps per contender")
     args = parser.parse_args()
     if args.quick:
         args.steps = 4
+    if args.ahead < 1:
+        parser.error(f"--ahead must be at least 1, got {args.ahead}")
     if args.samples % args.group:
         parser.error(f"--samples ({args.samples}) must be a multiple of --group ({args.group})")
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")  # we use TRL without vLLM
