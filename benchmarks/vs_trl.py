@@ -253,8 +253,8 @@ def main() -> None:
     # The headline figures are the default pipeline's (C3PO++); --no-c3po gives the sync
     # run's ratio and no overlap figure (it needs both runs).
     main_run = sync if args.no_c3po else c3po
-    report = {"model": args.model, "engine": args.engine, "ahead": args.ahead, "samples_per_step": args.samples, "group_size": args.group,
-              "max_tokens": args.max_tokens, "timed_steps": args.steps, "load_averages": loads,
+    report = {"model": args.model, "engine": args.engine, "ahead": args.ahead, "samples_per_step": args.samples,
+              "group_size": args.group, "max_tokens": args.max_tokens, "timed_steps": args.steps, "load_averages": loads,
               "samples_per_s_ratio_vs_trl": main_run["samples_per_s"] / trl["samples_per_s"],
               "overlap_efficiency": None if args.no_c3po else c3po["overlap_efficiency"],
               "samples_per_s_ratio_vs_trl_sync": sync["samples_per_s"] / trl["samples_per_s"],
