@@ -1,4 +1,4 @@
-"""The IcePop trainer: one `Trainer` per data-parallel rank, sharded with FSDP2.
+"""The IcePop trainer: one `Trainer` per data-parallel rank, sharded with FSDP2 when there are several.
 
 A training step, top to bottom (`Trainer.train_step`):
 
@@ -23,7 +23,8 @@ engines sample; log-probabilities are always taken in fp32.
 
 Distributed: `setup` joins the default torch.distributed group (gloo on CPU, NCCL on GPU,
 as `asystem/device.py` decides) and shards every decoder layer and the root with
-`fully_shard`. Forward and backward passes are collectives, so all ranks must call
+`fully_shard`; a single fp32 rank has nothing to shard or cast and runs the plain module.
+Forward and backward passes are collectives, so all ranks must call
 `train_step`, `response_logprobs`, `named_weights`, `save_checkpoint` and
 `load_checkpoint` together, with the same arguments; `setup`'s timeout bounds every
 collective, so a rank that never comes makes the others raise instead of hanging.
@@ -219,19 +220,24 @@ class Trainer:
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         model = _load_model(self.config.model_path, self.device)
         compute = DTYPES[self.config.dtype]
-        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        # One FSDP unit per decoder layer: a layer's full weights exist only while it runs.
-        for module in model.modules():
-            if type(module).__name__ in (model._no_split_modules or ()):
-                fully_shard(module, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        if self.world_size > 1 or compute != torch.float32:
+            policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+            # One FSDP unit per decoder layer: a layer's full weights exist only while it runs.
+            for module in model.modules():
+                if type(module).__name__ in (model._no_split_modules or ()):
+                    fully_shard(module, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+        # else one fp32 rank: nothing to shard or cast, and FSDP2 would only add DTensor
+        # dispatch to every operation: SmolLM2's first step took 14-15 s with it, 8.9 s
+        # without (docs/trainer.md, "One rank").
         model.train()
         self.model = model
-        # foreach: torch would pick the per-tensor loop for DTensor parameters, one small
-        # operation per tensor and step instead of one per step.
+        # fused: one kernel that reads and writes each parameter's state once; foreach
+        # makes a pass over the state per operation (SmolLM2's AdamW step on one CPU core:
+        # 0.12 s fused, 0.42-0.47 s foreach).
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=learning_rate(self.config, 0), betas=self.config.betas,
-            weight_decay=self.config.weight_decay, foreach=True,
+            weight_decay=self.config.weight_decay, fused=True,
         )
         self._vocab_size = model.config.vocab_size
         self._param_names = [name for name, _ in model.named_parameters()]
@@ -290,9 +296,10 @@ class Trainer:
         else:
             with torch.no_grad():
                 old = [[self._logprobs(model, mb, stats) for mb in micro] for _, micro in parts]
-            # FSDP keeps the root's weights gathered after a forward pass, expecting a
-            # backward pass; without one they must be sharded again by hand.
-            model.reshard()
+            if hasattr(model, "reshard"):
+                # FSDP keeps the root's weights gathered after a forward pass, expecting a
+                # backward pass; without one they must be sharded again by hand.
+                model.reshard()
         recomputed = time.perf_counter()
 
         for _ in range(self.config.ppo_epochs):
@@ -332,7 +339,8 @@ class Trainer:
                 mask = mb.response_mask.cpu()
                 for row, i in enumerate(indices):
                     result[i] = logp[row][mask[row]].tolist()
-        model.reshard()  # no backward pass follows (see train_step)
+        if hasattr(model, "reshard"):  # sharded: no backward pass follows (see train_step)
+            model.reshard()
         return result
 
     # -- weights and checkpoints --------------------------------------------------------
@@ -349,7 +357,9 @@ class Trainer:
         model = self._model()
         dtype = dtype or DTYPES[self.config.weights_dtype]
         for name, param in model.named_parameters():
-            full = param.detach().full_tensor()
+            full = param.detach()
+            if hasattr(full, "full_tensor"):  # sharded (FSDP2): gather
+                full = full.full_tensor()
             if self.rank == 0:
                 yield name, full.to(dtype)
 
