@@ -84,13 +84,20 @@ class StepClock:
     `generation`: time at least one rollout was decoding; `reward`: time at least one score
     was pending; `training` and `sync`: the trainer's and the weight update's time;
     `idle`: time the engines had nothing to decode. Parts overlap; `step` is the wall time
-    between two weight versions.
+    between two weight versions, the first step's from `restart` (the start of training).
     """
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.busy: dict[str, float] = defaultdict(float)
         self._since: dict[str, float] = {}
+
+    def restart(self) -> None:
+        """Start the first step now: what happened before (start-up, the held-out
+        evaluation before training, forming the weight group) belongs to no step."""
+        self.start = time.monotonic()
+        self.busy.clear()
+        self._since.clear()
 
     def set(self, part: str, active: bool) -> None:
         now = time.monotonic()
@@ -175,6 +182,8 @@ class Controller:
         """
         try:
             await self.sync_weights(self.scheduler.version, force=self.scheduler.version > 0)
+            await self._ensure_group()
+            self.clock.restart()
             finished_unscored = {int(k): v for k, v in (finished_unscored or {}).items()}
             for traj in self.scheduler.in_flight():
                 if traj.traj_id in finished_unscored:
@@ -442,6 +451,14 @@ class Controller:
             self._down.discard(rejoin)
         return {"time/weights_transfer": sent.get("seconds", 0.0), "time/weights_total": time.monotonic() - started,
                 "weights/bytes": sent.get("bytes", 0)}
+
+    async def _ensure_group(self) -> None:
+        """Form the broadcast group now, before the first step, unless it is formed already:
+        forming it takes seconds (a rendezvous of every engine and trainer rank 0), which
+        the first step's weight update would otherwise spend with the engines paused."""
+        live = [i for i in range(len(self.fleet.workers)) if i not in self._down]
+        if self.config.weights.transport != "zmq" and live and self._group_of != tuple(live):
+            await self._form_group(live)
 
     async def _form_group(self, live: list[int]) -> None:
         wcfg = self.config.weights

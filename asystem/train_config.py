@@ -48,8 +48,12 @@ class RolloutConfig:
     """Longest response, in tokens."""
     temperature: float = 1.0
     top_p: float = 1.0
-    update_mode: str = "resubmit"
-    """At a weight update, in-flight requests are "resubmit"ted as continuations or "keep" running."""
+    update_mode: str = "keep"
+    """At a weight update, in-flight requests "keep" running (their cache was computed under
+    the old weights; their next tokens are the new version's) or are "resubmit"ted as
+    continuations, re-prefilled under the new weights. keep by default: a re-prefill of every
+    rollout in flight at every step cost about a tenth of the C3PO++ throughput on a CPU
+    (docs/training.md), and IcePop corrects the small mismatch the old cache leaves."""
     dtype: str = "auto"
     """The engines' precision (the trainer's is trainer.dtype): IcePop corrects the gap.
     "auto": bfloat16 on GPU and on CPUs with bf16 instructions, float32 on other CPUs,
