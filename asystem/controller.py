@@ -6,7 +6,7 @@ the C3PO++ scheduler and talks to three fleets of actors, each in processes of t
     prompts --admit--> RolloutWorkers --token chunks--> scheduler.on_tokens
                                       --finished------> RewardPool.score --> scheduler.on_finished
     scheduler.ready() --take_batch--> TrainerGroup.train_step (FSDP2 ranks) --> version t+1
-    trainer rank 0 --broadcast (its own process group)--> RolloutWorkers: pause, load, resume
+    trainer rank 0 --broadcast (its own process group)--> RolloutWorkers: load between two decode steps
 
 Overlap: while the trainer works on step t, the engines keep generating under theta_t for
 step t+1. The scheduler stops admitting once the next batch is complete (C >= Phi), and an
@@ -414,7 +414,10 @@ class Controller:
         self._wake.set()
 
     async def sync_weights(self, version: int, force: bool = False, rejoin: int | None = None) -> dict[str, float]:
-        """Move the trainer's weights (of `version`) to every live worker: pause, load, resume.
+        """Move the trainer's weights (of `version`) to every live worker. With
+        `update_mode: resubmit` the workers are paused first (their rollouts interrupted) and
+        resumed after; with `keep` they decode on while the weights arrive, and each engine
+        applies them between two of its steps (the engine contract, asystem/engine.py).
 
         Skipped when the engines already hold `version` (unless `force`). `rejoin` is a
         worker back from a restart: it is down until it has the weights.
@@ -425,7 +428,9 @@ class Controller:
         refs = [self.fleet.workers[i] for i in live]
         wcfg = self.config.weights
         started = time.monotonic()
-        await asyncio.gather(*(r.ask("pause", timeout=120.0) for r in refs))
+        pause = self.config.rollout.update_mode == "resubmit"
+        if pause:
+            await asyncio.gather(*(r.ask("pause", timeout=120.0) for r in refs))
         try:
             plan = await self.fleet.trainers.weight_plan(None if wcfg.bucket_mb is None else wcfg.bucket_mb << 20)
             if plan["version"] != version:
@@ -446,7 +451,8 @@ class Controller:
                     raise failed
                 sent = results[0]
         finally:
-            await asyncio.gather(*(r.ask("resume", timeout=120.0) for r in refs), return_exceptions=True)
+            if pause:
+                await asyncio.gather(*(r.ask("resume", timeout=120.0) for r in refs), return_exceptions=True)
         if rejoin is not None:
             self._down.discard(rejoin)
         return {"time/weights_transfer": sent.get("seconds", 0.0), "time/weights_total": time.monotonic() - started,
@@ -455,7 +461,7 @@ class Controller:
     async def _ensure_group(self) -> None:
         """Form the broadcast group now, before the first step, unless it is formed already:
         forming it takes seconds (a rendezvous of every engine and trainer rank 0), which
-        the first step's weight update would otherwise spend with the engines paused."""
+        the first step's weight update would otherwise spend."""
         live = [i for i in range(len(self.fleet.workers)) if i not in self._down]
         if self.config.weights.transport != "zmq" and live and self._group_of != tuple(live):
             await self._form_group(live)

@@ -31,7 +31,9 @@ Overlap efficiency = the C3PO++ run's seconds per sample / max(generation second
 sample, training seconds per sample), the two measured apart in the sync run (where the
 engines wait while the trainer works, on the same pinned cores). 1.0: the shorter of
 generation and training hides entirely under the longer one; a serial schedule scores
-(gen + train) / max(gen, train), up to 2.
+(gen + train) / max(gen, train), up to 2. Below 1: C3PO++ also generated more cheaply per
+sample than the sync run did (it keeps Omega_infer rollouts decoding, where the end of a
+sync batch decodes its last few rows alone; its answers may also be shorter).
 
 The machine has 2 cores and may be shared: the load average is printed at the start,
 between the contenders and at the end; read the figures against it.
