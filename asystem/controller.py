@@ -6,7 +6,7 @@ the C3PO++ scheduler and talks to three fleets of actors, each in processes of t
     prompts --admit--> RolloutWorkers --token chunks--> scheduler.on_tokens
                                       --finished------> RewardPool.score --> scheduler.on_finished
     scheduler.ready() --take_batch--> TrainerGroup.train_step (FSDP2 ranks) --> version t+1
-    trainer rank 0 --broadcast (its own process group)--> RolloutWorkers: load between two decode steps
+    trainer rank 0 --broadcast (its own process group)--> RolloutWorkers: load (resubmit: paused)
 
 Overlap: while the trainer works on step t, the engines keep generating under theta_t for
 step t+1. The scheduler stops admitting once the next batch is complete (C >= Phi), and an

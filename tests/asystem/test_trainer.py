@@ -422,7 +422,7 @@ def test_reward_rises_on_an_easy_task(tmp_path):
 # -- data parallelism across processes --------------------------------------------------------
 
 
-# Not marked slow (17-32 s on 2 shared cores): one fp32 rank runs unsharded, so this is the
+# Not marked slow (7-8 s alone, 17-32 s seen on loaded cores): one fp32 rank runs unsharded, so this is the
 # fast selection's only check of FSDP2, the path of every multi-rank and every bf16 trainer.
 async def test_two_fsdp_ranks_make_the_same_update_as_one(tiny, reference, system):
     """Two ranks in two processes (FSDP2 over gloo) against one rank here, on a batch that
