@@ -26,12 +26,16 @@ from ring.tasks import make_task_source
 # Enough that the job still runs when it is killed (after step 3): a tiny step takes about
 # a second, and with 6 the poll sometimes saw the job done.
 STEPS = 16
+# The job is killed between a checkpoint and the next one, after a step past it: with a
+# checkpoint every 2 steps that window was one step (under a second), and a 0.5 s poll
+# once missed it in every step of the run, which then ended.
+CHECKPOINT_EVERY = 4
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _job(out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "launch.cli", "train", "--config", "tiny", f"run.out={out}",
-           f"run.steps={STEPS}", "run.checkpoint_every=2", *extra]
+           f"run.steps={STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}", *extra]
     log = open(out.parent / f"{out.name}-{len(list(out.parent.glob('*.log')))}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -44,7 +48,7 @@ def _wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = 
             return value
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the job exited with {proc.returncode} while waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
@@ -68,7 +72,7 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     first = _job(out)
     try:
         # Killed after a checkpoint exists and at least one more step was trained after it.
-        _wait_for(lambda: _checkpoint_step(out) >= 2 and _trained_steps(out) > _checkpoint_step(out),
+        _wait_for(lambda: _checkpoint_step(out) >= CHECKPOINT_EVERY and _trained_steps(out) > _checkpoint_step(out),
                   600, "a checkpoint and a step after it", first)
         tree = psutil.Process(first.pid).children(recursive=True)
         os.killpg(first.pid, signal.SIGKILL)
