@@ -84,20 +84,14 @@ class StepClock:
     `generation`: time at least one rollout was decoding; `reward`: time at least one score
     was pending; `training` and `sync`: the trainer's and the weight update's time;
     `idle`: time the engines had nothing to decode. Parts overlap; `step` is the wall time
-    between two weight versions, the first step's from `restart` (the start of training).
+    between two weight versions, the first step's from the clock's creation, which
+    `Controller.run` does when training starts.
     """
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.busy: dict[str, float] = defaultdict(float)
         self._since: dict[str, float] = {}
-
-    def restart(self) -> None:
-        """Start the first step now: what happened before (start-up, the held-out
-        evaluation before training, forming the weight group) belongs to no step."""
-        self.start = time.monotonic()
-        self.busy.clear()
-        self._since.clear()
 
     def set(self, part: str, active: bool) -> None:
         now = time.monotonic()
@@ -182,8 +176,10 @@ class Controller:
         """
         try:
             await self.sync_weights(self.scheduler.version, force=self.scheduler.version > 0)
-            await self._ensure_group()
-            self.clock.restart()
+            await self._ensure_group([i for i in range(len(self.fleet.workers)) if i not in self._down])
+            # Steps are timed from here: start-up, the held-out evaluation before training and
+            # forming the weight group belong to no step.
+            self.clock = StepClock()
             finished_unscored = {int(k): v for k, v in (finished_unscored or {}).items()}
             for traj in self.scheduler.in_flight():
                 if traj.traj_id in finished_unscored:
@@ -438,8 +434,7 @@ class Controller:
             if wcfg.transport == "zmq":
                 sent = await self.fleet.trainers.push_weights(refs, plan, timeout=wcfg.timeout_s)
             else:
-                if self._group_of != tuple(live):
-                    await self._form_group(live)
+                await self._ensure_group(live)
                 received = [r.ask("receive_weights", plan, wcfg.timeout_s, timeout=wcfg.timeout_s + 10.0)
                             for r in refs]
                 results = await asyncio.gather(
@@ -458,11 +453,10 @@ class Controller:
         return {"time/weights_transfer": sent.get("seconds", 0.0), "time/weights_total": time.monotonic() - started,
                 "weights/bytes": sent.get("bytes", 0)}
 
-    async def _ensure_group(self) -> None:
-        """Form the broadcast group now, before the first step, unless it is formed already:
-        forming it takes seconds (a rendezvous of every engine and trainer rank 0), which
-        the first step's weight update would otherwise spend."""
-        live = [i for i in range(len(self.fleet.workers)) if i not in self._down]
+    async def _ensure_group(self, live: list[int]) -> None:
+        """Form the broadcast group of workers `live` unless it is formed already. `run`
+        calls it before the first step: forming takes seconds (a rendezvous of every engine
+        and trainer rank 0), which the first step's weight update would otherwise spend."""
         if self.config.weights.transport != "zmq" and live and self._group_of != tuple(live):
             await self._form_group(live)
 

@@ -217,10 +217,10 @@ class Trainer:
                 f"trainer rank {self.rank}/{self.world_size}: could not join the {backend} group at "
                 f"{master_addr}:{master_port} (deadline {timeout_s}s): {exc}"
             ) from exc
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
         model = _load_model(self.config.model_path, self.device)
         compute = DTYPES[self.config.dtype]
         if self.world_size > 1 or compute != torch.float32:
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
             policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
             # One FSDP unit per decoder layer: a layer's full weights exist only while it runs.
             for module in model.modules():
@@ -357,9 +357,7 @@ class Trainer:
         model = self._model()
         dtype = dtype or DTYPES[self.config.weights_dtype]
         for name, param in model.named_parameters():
-            full = param.detach()
-            if hasattr(full, "full_tensor"):  # sharded (FSDP2): gather
-                full = full.full_tensor()
+            full = _full(param.detach())
             if self.rank == 0:
                 yield name, full.to(dtype)
 
@@ -534,7 +532,7 @@ class Trainer:
             loss_sum += float(loss.detach()) * share
             stats.observe_loss(metrics)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip or float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = float(_full(norm))
         lr = learning_rate(self.config, self.optimizer_steps)
         if math.isfinite(norm):
             for group in self.optimizer.param_groups:
@@ -665,6 +663,11 @@ def _load_model(path: str, device: torch.device) -> torch.nn.Module:
 
 def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from the ranks' shards if sharded (a DTensor), else itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _mean(values: Sequence[float]) -> float:

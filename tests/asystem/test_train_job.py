@@ -23,7 +23,7 @@ import pytest
 from asystem.metrics import read_jsonl
 from ring.tasks import make_task_source
 
-# Enough that the job still runs when it is killed (after step 3): a tiny step takes about
+# Enough that the job still runs when it is killed (after step 5 or later): a tiny step takes about
 # a second, and with 6 the poll sometimes saw the job done.
 STEPS = 16
 # The job is killed between a checkpoint and the next one, after a step past it: with a
