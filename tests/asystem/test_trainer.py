@@ -236,6 +236,15 @@ def test_bf16_compute_updates_fp32_master_weights(tiny, reference):
     assert torch.equal(served["model.norm.weight"], after["model.norm.weight"].bfloat16())
 
 
+def test_one_fp32_rank_runs_unsharded_and_bf16_compute_through_fsdp(tiny):
+    """One fp32 rank has nothing to shard or cast: plain parameters, no DTensor dispatch
+    (docs/trainer.md, "One rank"). bf16 compute needs FSDP2's casting, even on one rank."""
+    with trainer(TrainerConfig(model_path=tiny)) as t:
+        assert not any(hasattr(p, "full_tensor") for p in t.model.parameters())
+    with trainer(TrainerConfig(model_path=tiny, dtype="bf16")) as t:
+        assert all(hasattr(p, "full_tensor") for p in t.model.parameters())
+
+
 def test_several_updates_per_batch_keep_theta_old(tiny, reference):
     """ppo_epochs x minibatches optimizer steps make one policy version. theta_old stays
     the weights the step began with, so after the first update the ratio r leaves 1 and
