@@ -126,6 +126,22 @@ def engine_cores(config: TrainConfig) -> list[int] | None:
         raise ConfigError(f"rollout.cpu_cores: expected 'auto', 'all' or a list like '0,1', got {spec!r}") from None
 
 
+def trainer_cores(config: TrainConfig) -> list[list[int]] | None:
+    """The cores each trainer rank computes on in a CPU job (None: no pinning): the cores
+    the engines do not take, split evenly among the ranks (shared by all ranks when there
+    are fewer cores than ranks). Unpinned, the trainer's thread wandered onto the engines'
+    cores and slowed decoding by a fifth (docs/training.md)."""
+    engines = engine_cores(config)
+    free = [c for c in sorted(os.sched_getaffinity(0)) if c not in (engines or ())]
+    if engines is None or not free:
+        return None
+    ranks = config.trainer_ranks
+    if len(free) < ranks:
+        return [free] * ranks
+    share = len(free) // ranks
+    return [free[rank * share:(rank + 1) * share] for rank in range(ranks)]
+
+
 def trainer_threads(config: TrainConfig) -> int:
     """Torch threads per trainer rank: the cores the engines do not take, shared by the ranks."""
     cores = len(os.sched_getaffinity(0))
@@ -152,7 +168,8 @@ async def start_fleet(system: ActorSystem, config: TrainConfig, model_path: Path
     workers, trainers = await start_together(
         supervisor, worker_cfg, config.rollout.workers, timeout, rewards,
         TrainerGroup.start(system, _trainer_config(config, model_path), world_size=config.trainer_ranks,
-                           timeout_s=timeout, torch_threads=trainer_threads(config)))
+                           timeout_s=timeout, torch_threads=trainer_threads(config),
+                           cpu_cores=trainer_cores(config)))
     if resume is not None:
         await trainers.load_checkpoint(resume / checkpoint.TRAINER_DIR, timeout=1800.0)
     return Fleet(workers=workers, trainers=trainers, rewards=rewards)

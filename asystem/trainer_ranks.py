@@ -50,7 +50,10 @@ class TrainerRank(Actor):
     - through actor messages: `push_weights(engine_refs, plan)` on all ranks.
     """
 
-    def __init__(self, config: dict, rank: int, world_size: int, torch_threads: int | None = None):
+    def __init__(self, config: dict, rank: int, world_size: int, torch_threads: int | None = None,
+                 cpu_cores: Sequence[int] | None = None):
+        if cpu_cores:  # before the work thread and torch's threads start: they inherit it
+            os.sched_setaffinity(0, cpu_cores)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.trainer = Trainer(TrainerConfig.from_dict(config), rank, world_size)
@@ -66,8 +69,10 @@ class TrainerRank(Actor):
         return await self._run(self.trainer.setup, master_addr, master_port, timeout_s)
 
     async def info(self) -> dict:
-        """`Trainer.info()`, and the malloc settings this process runs with (asystem/malloc.py)."""
-        return {**await self._run(self.trainer.info), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+        """`Trainer.info()`, the malloc settings this process runs with (asystem/malloc.py),
+        and the cores its work thread may run on."""
+        return await self._run(lambda: {**self.trainer.info(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+                                        "cpu_cores": sorted(os.sched_getaffinity(0))})
 
     async def train_step(self, trajectories: list[dict], advantages: list[float] | None = None) -> dict:
         """*Collective.* `Trainer.train_step` on `Trajectory.to_dict()`s; returns the metrics."""
@@ -196,12 +201,13 @@ class TrainerGroup:
     async def start(cls, system, config: TrainerConfig, world_size: int = 1, *, master_addr: str = "127.0.0.1",
                     master_port: int | None = None, timeout_s: float = 300.0,
                     collective_timeout_s: float = 600.0, torch_threads: int | None = None,
-                    slots: Sequence | None = None) -> TrainerGroup:
+                    cpu_cores: Sequence[Sequence[int]] | None = None, slots: Sequence | None = None) -> TrainerGroup:
         """Spawn `world_size` TrainerRank processes on this host and set them up.
 
         `timeout_s` bounds start-up (spawn, rendezvous, model loading);
         `collective_timeout_s` bounds every later collective. On CPU each rank gets
-        cpu_count / world_size threads unless `torch_threads` says otherwise. `slots`
+        cpu_count / world_size threads unless `torch_threads` says otherwise, and rank r runs
+        on the cores `cpu_cores[r]` when given (asystem.job.trainer_cores). `slots`
         (asystem.placement.Slot per rank) runs each rank at its slot's `where` with its
         `env` instead; `master_addr` must then be rank 0's host, `master_port` free there.
         Each rank's process starts with the malloc settings of asystem/malloc.py.
@@ -209,7 +215,8 @@ class TrainerGroup:
         port = master_port or free_port(master_addr)
         threads = torch_threads or max(1, (os.cpu_count() or 1) // world_size)
         spawned = await asyncio.gather(*(
-            system.spawn(TrainerRank, config.to_dict(), rank, world_size, threads, timeout=timeout_s,
+            system.spawn(TrainerRank, config.to_dict(), rank, world_size, threads,
+                         list(cpu_cores[rank]) if cpu_cores else None, timeout=timeout_s,
                          where=slots[rank].where if slots else "process",
                          env={**trainer_env(), **(slots[rank].env if slots else {})})
             for rank in range(world_size)), return_exceptions=True)

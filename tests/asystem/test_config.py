@@ -80,3 +80,24 @@ def test_the_scheduler_section_reaches_the_scheduler():
     scheduler = make_scheduler(config).config
     assert (scheduler.infer_capacity, scheduler.train_capacity, scheduler.retention_limit) == (32, 48, 3)
     assert make_scheduler(load_config(TrainConfig)).config.train_capacity is None  # the report's rule
+
+
+@pytest.mark.parametrize("cores, overrides, engines, trainers", [
+    (range(2), [], [0], [[1]]),  # this machine: an engine core and a trainer core
+    (range(8), ["trainer_ranks=2"], [0, 1, 2, 3], [[4, 5], [6, 7]]),
+    (range(4), ["trainer_ranks=3"], [0, 1], [[2, 3]] * 3),  # fewer free cores than ranks: shared
+    (range(4), ["rollout.cpu_cores=0,1,2,3"], [0, 1, 2, 3], None),  # nothing left: not pinned
+    (range(4), ["rollout.cpu_cores=all"], None, None),
+    (range(1), [], None, None),
+])
+def test_cpu_jobs_pin_engines_and_trainer_ranks_to_their_own_cores(monkeypatch, cores, overrides, engines,
+                                                                  trainers):
+    from asystem import job
+
+    monkeypatch.setattr(job.os, "sched_getaffinity", lambda pid: set(cores))
+    monkeypatch.setattr("asystem.device.on_gpu", lambda: False)  # the rule for CPU jobs, on any host
+    config = load_config(TrainConfig, None, overrides)
+    assert job.engine_cores(config) == engines
+    assert job.trainer_cores(config) == trainers
+    if trainers is not None and len(trainers) > 1 and trainers[0] != trainers[1]:
+        assert job.trainer_threads(config) == len(trainers[0])

@@ -453,10 +453,13 @@ async def test_two_fsdp_ranks_make_the_same_update_as_one(tiny, reference, syste
         expected = one.train_step(batch, advantages)
         expected_w = weights(one)
 
-    group = await TrainerGroup.start(system, config, world_size=2, timeout_s=120)
+    cores = sorted(os.sched_getaffinity(0))
+    pins = [cores[:1], cores[-1:]]  # each rank on a core of its own (one shared on a 1-core host)
+    group = await TrainerGroup.start(system, config, world_size=2, timeout_s=120, cpu_cores=pins)
     try:
         info = await group.info()
         assert [i["rank"] for i in info] == [0, 1]
+        assert [i["cpu_cores"] for i in info] == pins
         assert info[0]["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", TUNABLES)
         assert sum(i["local_parameters"] for i in info) == info[0]["parameters"] > info[0]["local_parameters"]
         initial = await group.gather_weights("fp32")
