@@ -22,29 +22,38 @@ the other on this machine:
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
-its backlog (a 2-step run then showed a meaningless overlap of 0.44). Start-up and
+its backlog (a 2-step run then showed a meaningless overlap of 0.44). That first step
+fills the pipeline (it generates and trains a batch one after the other, on a cold trainer)
+and the rollouts in flight at the end are never trained, so a short run understates
+C3PO++; 12 steps by default (6 before 2026-12-03, when the first step alone took a third
+of C3PO++'s timed time). Start-up and
 asystem's held-out evaluations are not timed. samples/s = trajectories trained / wall time of the timed
 steps (asystem: the sum of `time/step` in metrics.jsonl, the time between two weight
 versions; TRL: the time between the ends of consecutive steps).
 
-Overlap efficiency = the C3PO++ run's seconds per sample / max(generation seconds per
-sample, training seconds per sample), the two measured apart in the sync run (where the
+Overlap efficiency = the C3PO++ run's seconds per response token / max(generation seconds
+per token, training seconds per token), the two measured apart in the sync run (where the
 engines wait while the trainer works, on the same pinned cores). 1.0: the shorter of
 generation and training hides entirely under the longer one; a serial schedule scores
 (gen + train) / max(gen, train), up to 2. Below 1: C3PO++ also generated more cheaply per
-sample than the sync run did (it keeps Omega_infer rollouts decoding, where the end of a
-sync batch decodes its last few rows alone; its answers may also be shorter).
+token than the sync run did (it keeps Omega_infer rollouts decoding, where the end of a
+sync batch decodes its last few rows alone). Per token, not per sample: the two runs
+sample their own answers, whose mean lengths differed by up to 65% (15.3 against 25.3
+tokens in one run), and decoding costs by the token; `overlap_efficiency_per_sample` is
+reported beside it.
 
 The machine has 2 cores and may be shared: the load average is printed at the start,
 between the contenders and at the end; read the figures against it.
 
-    .venv/bin/python benchmarks/vs_trl.py                 # 6 timed steps each, about 10 minutes
-    .venv/bin/python benchmarks/vs_trl.py --quick         # 4 steps each
+    .venv/bin/python benchmarks/vs_trl.py                 # 12 timed steps each, about 10 minutes
+    .venv/bin/python benchmarks/vs_trl.py --quick         # 6 steps each
     .venv/bin/python benchmarks/vs_trl.py --model tiny --steps 2 --no-c3po   # a smoke run
 
 The last output line is one JSON object: `samples_per_s_ratio_vs_trl` (asystem's default
 C3PO++ pipeline / TRL), `overlap_efficiency` (C3PO++ against the sync run's parts), the sync
-run's ratio (`..._sync`), and the figures behind them.
+run's ratio (`..._sync`), `tokens_per_s_ratio_vs_trl` (response tokens trained per second,
+for reading the samples/s ratio against the contenders' answer lengths), and the figures
+behind them.
 """
 
 from __future__ import annotations
@@ -136,9 +145,10 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
     step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     if len(step_s) != steps or len(logs) != steps:
         raise RuntimeError(f"TRL: expected {steps} steps, saw {len(step_s)} step ends and {len(logs)} logs")
+    mean_length = statistics.mean(r["completions/mean_length"] for r in logs)
     return {"samples_per_s": samples * len(step_s) / sum(step_s), "step_s": step_s,
-            "reward_mean": statistics.mean(r["reward"] for r in logs),
-            "mean_length": statistics.mean(r["completions/mean_length"] for r in logs)}
+            "tokens_per_s": samples * len(step_s) * mean_length / sum(step_s),
+            "reward_mean": statistics.mean(r["reward"] for r in logs), "mean_length": mean_length}
 
 
 # -- asystem -------------------------------------------------------------------------------------
@@ -172,13 +182,18 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
         raise RuntimeError(f"asystem: expected {steps} steps, metrics.jsonl holds {len(records)}")
     step_s = [r["time/step"] for r in records]
     trained = sum(r["batch/trajectories"] for r in records)
+    tokens = sum(r["batch/tokens"] for r in records)
 
     def mean(key: str) -> float:
         return statistics.mean(r[key] for r in records)
 
     return {"samples_per_s": trained / sum(step_s), "step_s": step_s, "samples_per_step": trained / len(records),
+            "tokens_per_s": tokens / sum(step_s),
             "generation_s_per_sample": sum(r["time/generation"] for r in records) / trained,
             "train_s_per_sample": sum(r["time/train_step"] for r in records) / trained,
+            "s_per_token": sum(step_s) / tokens,
+            "generation_s_per_token": sum(r["time/generation"] for r in records) / tokens,
+            "train_s_per_token": sum(r["time/train_step"] for r in records) / tokens,
             "generation_s": mean("time/generation"), "train_step_s": mean("time/train_step"),
             "sync_s": mean("time/sync"), "reward_mean": mean("reward/mean"), "mean_length": mean("batch/mean_length"),
             "tokens_per_group": sum(r["batch/tokens"] for r in records) / trained * group,
@@ -187,10 +202,12 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
 
 # -- the report ----------------------------------------------------------------------------------
 
-def overlap(run: dict[str, Any], serial: dict[str, Any]) -> float:
-    """`run`'s seconds per sample over the larger of `serial`'s generation and training
-    seconds per sample (see the module docstring)."""
-    return (1.0 / run["samples_per_s"]) / max(serial["generation_s_per_sample"], serial["train_s_per_sample"])
+def overlap(run: dict[str, Any], serial: dict[str, Any], per: str = "token") -> float:
+    """`run`'s seconds per response token (or per sample) over the larger of `serial`'s
+    generation and training seconds per token (or per sample); see the module docstring."""
+    if per == "sample":
+        return (1.0 / run["samples_per_s"]) / max(serial["generation_s_per_sample"], serial["train_s_per_sample"])
+    return run["s_per_token"] / max(serial["generation_s_per_token"], serial["train_s_per_token"])
 
 
 def row(name: str, r: dict[str, Any]) -> str:
@@ -205,17 +222,17 @@ def main() -> None:
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--engine", choices=("auto", "torch", "vllm"), default="auto",
                         help="asystem's rollout engine (`rollout.backend`; auto: the job's default)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per contender")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per contender")
     parser.add_argument("--samples", type=int, default=16, help="samples (completions) per step")
     parser.add_argument("--group", type=int, default=4, help="G: completions per prompt")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
     parser.add_argument("--ahead", type=int, default=1,
                         help="C3PO++: at most this many steps' samples decoding at once (Omega_infer)")
-    parser.add_argument("--quick", action="store_true", help="4 steps per contender")
+    parser.add_argument("--quick", action="store_true", help="6 steps per contender")
     args = parser.parse_args()
     if args.quick:
-        args.steps = 4
+        args.steps = 6
     if args.ahead < 1:
         parser.error(f"--ahead must be at least 1, got {args.ahead}")
     if args.samples % args.group:
@@ -246,6 +263,7 @@ def main() -> None:
             results["asystem c3po"] = c3po = run_asystem(args.model, out=Path(tmp) / "c3po", token_budget=budget,
                                                          **shape, engine=args.engine, ahead=args.ahead)
             c3po["overlap_efficiency"] = overlap(c3po, sync)
+            c3po["overlap_efficiency_per_sample"] = overlap(c3po, sync, per="sample")
     loads.append(load())
     say(f"done in {time.monotonic() - started:.0f}s; {loads[-1]}\n")
     say(f"{'':<16}{'samples/s':>10}{'step':>10} {'gen':>8} {'train':>8} {'sync':>7} {'overlap':>7}"
@@ -259,7 +277,9 @@ def main() -> None:
               "group_size": args.group, "max_tokens": args.max_tokens, "timed_steps": args.steps, "load_averages": loads,
               "samples_per_s_ratio_vs_trl": main_run["samples_per_s"] / trl["samples_per_s"],
               "overlap_efficiency": None if args.no_c3po else c3po["overlap_efficiency"],
+              "overlap_efficiency_per_sample": None if args.no_c3po else c3po["overlap_efficiency_per_sample"],
               "samples_per_s_ratio_vs_trl_sync": sync["samples_per_s"] / trl["samples_per_s"],
+              "tokens_per_s_ratio_vs_trl": main_run["tokens_per_s"] / trl["tokens_per_s"],
               "trl_samples_per_s": trl["samples_per_s"], "asystem_sync_samples_per_s": sync["samples_per_s"],
               "sync_generation_s_per_sample": sync["generation_s_per_sample"],
               "sync_train_s_per_sample": sync["train_s_per_sample"]}
