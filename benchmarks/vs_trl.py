@@ -14,9 +14,11 @@ the other on this machine:
   the torch engine on CPUs, or `--engine`'s; a trainer rank, reward workers, the
   controller) with the synchronous scheduler and `groups_per_step` = samples / G, so that
   every step trains exactly the same number of samples as TRL's. Then, unless `--no-c3po`,
-  the default C3PO++ scheduler with its token budget Phi set from the sync run's mean
-  response length so that a step holds about the same number of samples (its own count
-  is used for its figures), and at most `--ahead` (default 1) steps' samples decoding at
+  the default C3PO++ scheduler with its token budget Phi set from TRL's mean response
+  length so that a step holds about the same number of samples (its own count is used for
+  its figures; TRL samples with a fixed seed, so Phi is the same in every run: set from
+  the sync run's lengths, it followed that run's draw, 174 tokens in one run and 312 in
+  another, and a small Phi spreads each step's fixed costs over fewer samples), and at most `--ahead` (default 1) steps' samples decoding at
   once (`scheduler.infer_capacity`, Omega_infer), so that it decodes that many batches
   ahead of the trainer.
 
@@ -196,7 +198,6 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
             "train_s_per_token": sum(r["time/train_step"] for r in records) / tokens,
             "generation_s": mean("time/generation"), "train_step_s": mean("time/train_step"),
             "sync_s": mean("time/sync"), "reward_mean": mean("reward/mean"), "mean_length": mean("batch/mean_length"),
-            "tokens_per_group": sum(r["batch/tokens"] for r in records) / trained * group,
             "staleness_mean": mean("staleness/mean")}
 
 
@@ -255,9 +256,9 @@ def main() -> None:
         sync["overlap_efficiency"] = overlap(sync, sync)
         results = {"TRL GRPOTrainer": trl, "asystem sync": sync}
         if not args.no_c3po:
-            # Phi: about samples / G groups of the sync run's length; a batch ends once its
+            # Phi: about samples / G groups of TRL's answer length; a batch ends once its
             # complete groups reach Phi, so half a group less gives samples / G groups mostly.
-            budget = round(sync["tokens_per_group"] * (args.samples / args.group - 0.5))
+            budget = round(trl["mean_length"] * (args.samples - args.group / 2))
             loads.append(load())
             say(f"asystem, C3PO++ scheduler (token budget {budget})... ({loads[-1]})")
             results["asystem c3po"] = c3po = run_asystem(args.model, out=Path(tmp) / "c3po", token_budget=budget,
