@@ -176,7 +176,7 @@ class Controller:
         """
         try:
             await self.sync_weights(self.scheduler.version, force=self.scheduler.version > 0)
-            await self._ensure_group([i for i in range(len(self.fleet.workers)) if i not in self._down])
+            await self._ensure_group(self._live())
             # Steps are timed from here: start-up, the held-out evaluation before training and
             # forming the weight group belong to no step.
             self.clock = StepClock()
@@ -225,7 +225,7 @@ class Controller:
     async def _submit(self, trajs) -> None:
         """Send rollouts (new, or continuations with their tokens so far) to the least loaded
         live workers; with none live, they wait in the scheduler for one to come back."""
-        live = [i for i in range(len(self.fleet.workers)) if i not in self._down]
+        live = self._live()
         if not trajs or not live:
             return
         by_worker: dict[int, list[dict]] = defaultdict(list)
@@ -418,7 +418,7 @@ class Controller:
         Skipped when the engines already hold `version` (unless `force`). `rejoin` is a
         worker back from a restart: it is down until it has the weights.
         """
-        live = [i for i in range(len(self.fleet.workers)) if i not in self._down or i == rejoin]
+        live = self._live(rejoin)
         if not live or (not force and version == 0):
             return {}
         refs = [self.fleet.workers[i] for i in live]
@@ -452,6 +452,10 @@ class Controller:
             self._down.discard(rejoin)
         return {"time/weights_transfer": sent.get("seconds", 0.0), "time/weights_total": time.monotonic() - started,
                 "weights/bytes": sent.get("bytes", 0)}
+
+    def _live(self, rejoin: int | None = None) -> list[int]:
+        """The indices of the workers that are up, and of `rejoin` (one coming back)."""
+        return [i for i in range(len(self.fleet.workers)) if i not in self._down or i == rejoin]
 
     async def _ensure_group(self, live: list[int]) -> None:
         """Form the broadcast group of workers `live` unless it is formed already. `run`
@@ -523,7 +527,7 @@ class Controller:
     async def evaluate(self) -> float:
         """Greedy accuracy on the held-out prompts (a reward of 1 counts as solved), decoded by
         the engines alongside the rollouts."""
-        live = [i for i in range(len(self.fleet.workers)) if i not in self._down]
+        live = self._live()
         if not self.eval_prompts or not live:
             return float("nan")
         greedy = SamplingParams(temperature=0.0, max_tokens=self.config.rollout.max_tokens).to_dict()

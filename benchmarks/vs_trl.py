@@ -18,9 +18,9 @@ the other on this machine:
   length so that a step holds about the same number of samples (its own count is used for
   its figures; TRL samples with a fixed seed, so Phi is the same in every run: set from
   the sync run's lengths, it followed that run's draw, 174 tokens in one run and 312 in
-  another, and a small Phi spreads each step's fixed costs over fewer samples), and at most `--ahead` (default 1) steps' samples decoding at
-  once (`scheduler.infer_capacity`, Omega_infer), so that it decodes that many batches
-  ahead of the trainer.
+  another, and a small Phi spreads each step's fixed costs over fewer samples), and at
+  most `--ahead` (default 1) steps' samples decoding at once (`scheduler.infer_capacity`,
+  Omega_infer), so that it decodes that many batches ahead of the trainer.
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
@@ -28,10 +28,10 @@ its backlog (a 2-step run then showed a meaningless overlap of 0.44). That first
 fills the pipeline (it generates and trains a batch one after the other, on a cold trainer)
 and the rollouts in flight at the end are never trained, so a short run understates
 C3PO++; 12 steps by default (6 before 2026-12-03, when the first step alone took a third
-of C3PO++'s timed time). Start-up and
-asystem's held-out evaluations are not timed. samples/s = trajectories trained / wall time of the timed
-steps (asystem: the sum of `time/step` in metrics.jsonl, the time between two weight
-versions; TRL: the time between the ends of consecutive steps).
+of C3PO++'s timed time). Start-up and asystem's held-out evaluations are not timed.
+samples/s = trajectories trained / wall time of the timed steps (asystem: the sum of
+`time/step` in metrics.jsonl, the time between two weight versions; TRL: the time between
+the ends of consecutive steps).
 
 Overlap efficiency = the C3PO++ run's seconds per response token / max(generation seconds
 per token, training seconds per token), the two measured apart in the sync run (where the
@@ -193,7 +193,6 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
             "tokens_per_s": tokens / sum(step_s),
             "generation_s_per_sample": sum(r["time/generation"] for r in records) / trained,
             "train_s_per_sample": sum(r["time/train_step"] for r in records) / trained,
-            "s_per_token": sum(step_s) / tokens,
             "generation_s_per_token": sum(r["time/generation"] for r in records) / tokens,
             "train_s_per_token": sum(r["time/train_step"] for r in records) / tokens,
             "generation_s": mean("time/generation"), "train_step_s": mean("time/train_step"),
@@ -208,7 +207,7 @@ def overlap(run: dict[str, Any], serial: dict[str, Any], per: str = "token") -> 
     generation and training seconds per token (or per sample); see the module docstring."""
     if per == "sample":
         return (1.0 / run["samples_per_s"]) / max(serial["generation_s_per_sample"], serial["train_s_per_sample"])
-    return run["s_per_token"] / max(serial["generation_s_per_token"], serial["train_s_per_token"])
+    return (1.0 / run["tokens_per_s"]) / max(serial["generation_s_per_token"], serial["train_s_per_token"])
 
 
 def row(name: str, r: dict[str, Any]) -> str:
