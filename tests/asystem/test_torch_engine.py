@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from asystem.engine import EngineError, GenerationRequest, SamplingParams
 from asystem.models import smollm2, tiny_llama
-from asystem.torch_engine import _SLACK_COLUMNS, TorchEngine, _append
+from asystem.torch_engine import _SLACK_COLUMNS, HEAD_CHUNK, TorchEngine, _append, _chunk_output_head
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -147,6 +147,27 @@ async def test_cache_columns_are_appended_in_place_without_changing_earlier_view
     assert views[-1].data_ptr() != views[0].data_ptr(), "a new buffer once they ran out"
     for i, view in enumerate(views):  # each earlier view still holds what it held
         assert torch.equal(view, torch.cat([first, *news[:i]], dim=2))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+async def test_the_chunked_output_head_computes_the_plain_heads_logits_and_follows_its_weight(bias):
+    class Model(torch.nn.Module):  # the one method _chunk_output_head uses
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 2 * HEAD_CHUNK + 5, bias=bias)  # a partial last slice
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model, hidden = Model(), torch.randn(3, 1, 8)
+    plain = model.head(hidden)
+    _chunk_output_head(model)
+    torch.testing.assert_close(model.head(hidden), plain, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # a weight update copies into the weight: the slices see it
+        model.head.weight.mul_(2)
+        if bias:
+            model.head.bias.mul_(2)
+    torch.testing.assert_close(model.head(hidden), 2 * plain, rtol=1e-6, atol=1e-6)
 
 
 async def test_interrupt_then_continue_equals_the_uninterrupted_run(engine):
