@@ -13,6 +13,12 @@ room, this is what it does:
   GRPO group's samples) are prefilled once; their rows then copy that one row's cache and
   last logits, and each samples its own tokens from there. The first token and its
   log-probability are drawn exactly as if each had been prefilled alone.
+- **Prefix reuse.** The engine keeps the keys and values of the last context it
+  prefilled; a prefill whose contexts all start with some of the same tokens takes those
+  columns from there and computes only the rest. The main job's prompts share their first
+  25-28 of 53 tokens (the system prompt and the start of the user's turn): such a prefill
+  took 259 instead of 368 ms (`benchmarks/torch_engine_parts.py`). They are dropped at
+  every weight update, which makes them stale.
 - **The cache.** One left-padded key/value cache for the whole batch (a transformers
   `DynamicCache`), with an attention mask over the padding and per-row position ids, so a
   row computes what it would compute alone; rows that end are cut out and columns that
@@ -93,6 +99,7 @@ class TorchEngine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._live: dict[str, _Sequence] = {}  # waiting or running, by request id
         self._batch = _Batch()
+        self._prefix: _Prefix | None = None  # the last prefilled context's keys and values
         self._lock = asyncio.Lock()  # held by a step, and by whatever must land between steps
         self._work = asyncio.Event()
         self._paused = False
@@ -236,6 +243,7 @@ class TorchEngine:
         async with self._lock:
             await asyncio.to_thread(self._copy_weights, items)
             self.version = version
+            self._prefix = None  # computed under the old weights
         self.counters["weight_updates"] += 1
         log.info("TorchEngine(%s): weights version %d (%d tensors)", self.model_path.name, version, len(items))
 
@@ -340,7 +348,7 @@ class TorchEngine:
         seeds = [(s.request.sampling.seed, len(s.request.response_tokens)) for s in seqs]
         try:
             if prefill:
-                inputs = self._batch.prefill_inputs([s.context() for s in seqs])
+                inputs = self._batch.prefill_inputs([s.context() for s in seqs], self._prefix, self.version)
             else:
                 inputs = self._batch.decode_inputs([s.last_token() for s in seqs])
             out = await asyncio.to_thread(self._forward, inputs, temperature, top_p, seeds)
@@ -357,6 +365,11 @@ class TorchEngine:
         if prefill:
             mask, rows = inputs["attention_mask"], inputs["rows"]
             self.counters["prefill_rows_shared"] += len(seqs) - mask.shape[0]
+            self.counters["prefill_tokens_reused"] += inputs["reused"] * mask.shape[0]
+            # The first context's own columns (row 0 is the first distinct context).
+            own = mask[0].bool().to(self.device)
+            self._prefix = _Prefix(seqs[0].context(), self.version,
+                                   [(k[:1, :, own], v[:1, :, own]) for k, v in cache])  # copies
             self._batch.join(seqs, cache, mask if rows is None else mask[rows])
         else:
             self._batch.advance(cache, inputs["attention_mask"])
@@ -367,7 +380,7 @@ class TorchEngine:
         """In a worker thread: the model's forward pass and the sampling (torch's grad mode
         is per thread, hence inference_mode here)."""
         with torch.inference_mode():
-            moved = {k: v.to(self.device) for k, v in inputs.items() if k not in ("past", "rows")}
+            moved = {k: v.to(self.device) for k, v in inputs.items() if k not in ("past", "rows", "reused")}
             cache = _slack_cache(inputs["past"])
             out = self._model(**moved, past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
@@ -502,6 +515,29 @@ class _Sequence:
         return chunk
 
 
+@dataclass(eq=False)
+class _Prefix:
+    """The keys and values of the last prefilled context, computed under weights `version`."""
+
+    tokens: list[int]
+    version: int
+    past: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, each [1, heads, len(tokens), dim]
+
+    def shared(self, contexts: list[tuple[int, ...]], version: int) -> int:
+        """How many leading columns every one of `contexts` can take from here: their
+        common prefix with `tokens` (0 under other weights), leaving each context at
+        least one token to compute (its logits are needed)."""
+        if version != self.version:
+            return 0
+        n = min(min(map(len, contexts)) - 1, len(self.tokens))
+        for context in contexts:
+            i = 0
+            while i < n and context[i] == self.tokens[i]:
+                i += 1
+            n = i
+        return n
+
+
 class _Batch:
     """The running rows and their left-padded key/value cache.
 
@@ -515,19 +551,30 @@ class _Batch:
         self.past: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)
 
-    def prefill_inputs(self, contexts: list[list[int]]) -> dict:
-        """Inputs for the distinct contexts only; `rows` maps each context to its row of them."""
+    def prefill_inputs(self, contexts: list[list[int]], prefix: "_Prefix | None" = None,
+                       version: int = 0) -> dict:
+        """Inputs for the distinct contexts only; `rows` maps each context to its row of them.
+
+        When every distinct context starts with tokens whose keys and values `prefix` holds
+        (computed under weights `version`), those `reused` columns come from it and only
+        the rest is computed: each row is then [prefix][left padding][the rest], which the
+        mask and the position ids describe as for any padded row."""
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
-        width = max(map(len, unique))
+        reused = prefix.shared(list(unique), version) if prefix is not None else 0
+        width = max(map(len, unique)) - reused
         ids = torch.zeros(len(unique), width, dtype=torch.long)
-        mask = torch.zeros(len(unique), width, dtype=torch.long)
+        mask = torch.zeros(len(unique), reused + width, dtype=torch.long)
+        mask[:, :reused] = 1
         for i, tokens in enumerate(unique):
-            ids[i, width - len(tokens):] = torch.tensor(tokens)
-            mask[i, width - len(tokens):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past": [],
-                "rows": torch.tensor(rows) if len(unique) < len(rows) else None}
+            rest = tokens[reused:]
+            ids[i, width - len(rest):] = torch.tensor(rest)
+            mask[i, reused + width - len(rest):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, reused:]
+        past = [(k[:, :, :reused].repeat(len(unique), 1, 1, 1), v[:, :, :reused].repeat(len(unique), 1, 1, 1))
+                for k, v in prefix.past] if reused else []
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past": past,
+                "rows": torch.tensor(rows) if len(unique) < len(rows) else None, "reused": reused}
 
     def decode_inputs(self, last_tokens: list[int]) -> dict:
         mask = torch.cat([self.mask, torch.ones(len(last_tokens), 1, dtype=torch.long)], dim=1)
@@ -655,7 +702,7 @@ def _chunk_output_head(model) -> None:
     Decoding multiplies a few rows of hidden states by the whole vocabulary (SmolLM2: 16 x
     576 by 576 x 49152). On this machine's CPU (MKL, AVX2) that one matmul took 38 ms, the
     same work in slices of 1024 outputs 26 ms, and a whole decode step of 16 rows went from
-    190 to 178 ms (`benchmarks/output_head.py`, which alternates the two step by step). The
+    190 to 178 ms (`benchmarks/torch_engine_parts.py`, which alternates the two step by step). The
     slices are views of the head's weight, taken at each call, so weight updates (and a
     head tied to the input embeddings) need nothing more; each logit is the same dot
     product either way."""

@@ -134,6 +134,36 @@ async def test_a_group_sharing_a_prompt_is_prefilled_once_and_samples_as_if_alon
         assert max(abs(x - y) for x, y in zip(t.logprobs, a.logprobs)) < 1e-5
 
 
+async def test_a_prefill_takes_the_leading_columns_it_shares_with_the_last_context(fresh_engine, reference, model_dir):
+    first = PROMPTS[1]  # 11 tokens
+    # They share 8 tokens with `first` and join in one prefill: each row is then [the 8
+    # shared columns][left padding][its own tokens].
+    second, third = first[:8] + [77, 78, 79], first[:8] + [5]
+    await run(fresh_engine, request("p1", first))
+    reused = fresh_engine.counters["prefill_tokens_reused"]
+    results = await asyncio.gather(run(fresh_engine, request("p2", second)), run(fresh_engine, request("p3", third)))
+    assert fresh_engine.counters["prefill_tokens_reused"] == reused + 2 * 8
+    for prompt, res in zip((second, third), results):
+        logp, argmax = teacher_forced(reference, prompt, res.tokens)
+        assert res.tokens == argmax.tolist()
+        assert torch.allclose(torch.tensor(res.logprobs), logp, atol=1e-4), (res.logprobs, logp)
+    # The last context prefilled was `second`: `second` again shares all but its last token.
+    again = await run(fresh_engine, request("p4", second))
+    assert fresh_engine.counters["prefill_tokens_reused"] == reused + 2 * 8 + 10
+    assert again.tokens == results[0].tokens
+    assert max(abs(a - b) for a, b in zip(again.logprobs, results[0].logprobs)) < 1e-5
+    # New weights under the same version number: nothing computed before is taken.
+    new = perturbed(model_dir)
+    await fresh_engine.update_weights(fresh_engine.version, new.items())
+    reused = fresh_engine.counters["prefill_tokens_reused"]
+    after = await run(fresh_engine, request("p5", second))
+    assert fresh_engine.counters["prefill_tokens_reused"] == reused
+    trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    trained.load_state_dict(new)
+    logp, argmax = teacher_forced(trained, second, after.tokens)
+    assert after.tokens == argmax.tolist() and torch.allclose(torch.tensor(after.logprobs), logp, atol=1e-4)
+
+
 async def test_cache_columns_are_appended_in_place_without_changing_earlier_views():
     first = torch.randn(2, 3, 5, 4)
     cache = _append(None, first)
@@ -312,8 +342,10 @@ async def test_after_update_weights_the_output_follows_the_new_weights(fresh_eng
     new = perturbed(model_dir)
     before = await run(fresh_engine, request("b", PROMPTS[1]))
     await fresh_engine.update_weights(1, new.items())
+    reused = fresh_engine.counters["prefill_tokens_reused"]
     after = await run(fresh_engine, request("a", PROMPTS[1]))
     assert fresh_engine.version == 1 and set(after.versions) == {1}
+    assert fresh_engine.counters["prefill_tokens_reused"] == reused, "nothing from the old weights"
     trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     trained.load_state_dict(new)
     logp, argmax = teacher_forced(trained, PROMPTS[1], after.tokens)
