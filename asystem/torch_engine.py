@@ -702,18 +702,19 @@ def _chunk_output_head(model) -> None:
     Decoding multiplies a few rows of hidden states by the whole vocabulary (SmolLM2: 16 x
     576 by 576 x 49152). On this machine's CPU (MKL, AVX2) that one matmul took 38 ms, the
     same work in slices of 1024 outputs 26 ms, and a whole decode step of 16 rows went from
-    190 to 178 ms (`benchmarks/torch_engine_parts.py`, which alternates the two step by step). The
-    slices are views of the head's weight, taken at each call, so weight updates (and a
-    head tied to the input embeddings) need nothing more; each logit is the same dot
+    190 to 178 ms (`benchmarks/torch_engine_parts.py`, which alternates the two step by
+    step). The slices are views of the head's weight, taken at each call, so weight updates
+    (and a head tied to the input embeddings) need nothing more; each logit is the same dot
     product either way."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         return
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        biases = head.bias.split(HEAD_CHUNK) if head.bias is not None else [None] * -(-head.out_features // HEAD_CHUNK)
+        weights = head.weight.split(HEAD_CHUNK)
+        biases = head.bias.split(HEAD_CHUNK) if head.bias is not None else [None] * len(weights)
         return torch.cat([torch.nn.functional.linear(hidden, w, b)
-                          for w, b in zip(head.weight.split(HEAD_CHUNK), biases)], dim=-1)
+                          for w, b in zip(weights, biases)], dim=-1)
 
     head.forward = forward
 

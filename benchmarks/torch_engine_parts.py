@@ -76,8 +76,9 @@ async def decode_steps(engine: TorchEngine, args) -> dict[str, list[float]]:
     return steps
 
 
-async def prefills(engine: TorchEngine, args) -> dict[str, list[float]]:
-    """Prefill one job prompt after another, with and without the first one's prefix."""
+async def prefills(engine: TorchEngine, args) -> tuple[dict[str, list[float]], int, int]:
+    """Prefill one job prompt after another, with and without the first one's prefix.
+    Returns the times, the tokens shared and the second prompt's length."""
     renderer = PromptRenderer.from_pretrained(str(engine.model_path), instruction=INSTRUCTION)
     first, second = (renderer.tokens(item) for item in make_task_source(TaskConfig().source, split="train")[:2])
     async for _ in engine.generate(GenerationRequest("first", first, SamplingParams(max_tokens=1))):
@@ -90,12 +91,10 @@ async def prefills(engine: TorchEngine, args) -> dict[str, list[float]]:
         started = time.perf_counter()
         await asyncio.to_thread(engine._forward, inputs, torch.ones(1), torch.ones(1), [(None, 0)])
         times[name].append(time.perf_counter() - started)
-    times["shared_tokens"] = [prefix.shared([tuple(second)], engine.version)]
-    times["prompt_tokens"] = [len(second)]
-    return times
+    return times, prefix.shared([tuple(second)], engine.version), len(second)
 
 
-async def measure(args) -> tuple[dict, dict]:
+async def measure(args) -> tuple[dict, tuple]:
     engine = TorchEngine(smollm2(torch.float32), dtype="float32", device="cpu", max_batch=args.rows)
     await asyncio.wait_for(engine.start(), 600)
     try:
@@ -115,13 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.core})
     torch.set_num_threads(1)
-    steps, prefill = asyncio.run(measure(args))
-    median = {name: statistics.median(v) * 1e3 for name, v in [*steps.items(), *prefill.items()]
-              if name in ("chunked", "plain", "reused", "whole")}
+    steps, (prefill, shared, tokens) = asyncio.run(measure(args))
+    median = {name: statistics.median(v) * 1e3 for name, v in [*steps.items(), *prefill.items()]}
     for name, v in steps.items():
         print(f"decode, {name:<8} head  {len(v):>4} steps  median {median[name]:6.1f} ms  "
               f"range {min(v) * 1e3:6.1f}-{max(v) * 1e3:6.1f} ms")
-    shared, tokens = prefill["shared_tokens"][0], prefill["prompt_tokens"][0]
     for name in ("reused", "whole"):
         what = f"{shared} of {tokens} tokens reused" if name == "reused" else f"all {tokens} tokens"
         print(f"prefill, {what:<24} median {median[name]:6.1f} ms")
