@@ -241,9 +241,9 @@ class TorchEngine:
         items = list(named_tensors)
         self._check_weights(items)
         async with self._lock:
+            self._prefix = None  # computed under the old weights (also if the copy fails midway)
             await asyncio.to_thread(self._copy_weights, items)
             self.version = version
-            self._prefix = None  # computed under the old weights
         self.counters["weight_updates"] += 1
         log.info("TorchEngine(%s): weights version %d (%d tensors)", self.model_path.name, version, len(items))
 
@@ -348,7 +348,7 @@ class TorchEngine:
         seeds = [(s.request.sampling.seed, len(s.request.response_tokens)) for s in seqs]
         try:
             if prefill:
-                inputs = self._batch.prefill_inputs([s.context() for s in seqs], self._prefix, self.version)
+                inputs = self._batch.prefill_inputs([s.context() for s in seqs], self._prefix)
             else:
                 inputs = self._batch.decode_inputs([s.last_token() for s in seqs])
             out = await asyncio.to_thread(self._forward, inputs, temperature, top_p, seeds)
@@ -368,8 +368,7 @@ class TorchEngine:
             self.counters["prefill_tokens_reused"] += inputs["reused"] * mask.shape[0]
             # The first context's own columns (row 0 is the first distinct context).
             own = mask[0].bool().to(self.device)
-            self._prefix = _Prefix(seqs[0].context(), self.version,
-                                   [(k[:1, :, own], v[:1, :, own]) for k, v in cache])  # copies
+            self._prefix = _Prefix(seqs[0].context(), [(k[:1, :, own], v[:1, :, own]) for k, v in cache])  # copies
             self._batch.join(seqs, cache, mask if rows is None else mask[rows])
         else:
             self._batch.advance(cache, inputs["attention_mask"])
@@ -517,18 +516,16 @@ class _Sequence:
 
 @dataclass(eq=False)
 class _Prefix:
-    """The keys and values of the last prefilled context, computed under weights `version`."""
+    """The keys and values of the last prefilled context, under the current weights
+    (`TorchEngine.update_weights` drops it)."""
 
     tokens: list[int]
-    version: int
     past: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, each [1, heads, len(tokens), dim]
 
-    def shared(self, contexts: list[tuple[int, ...]], version: int) -> int:
+    def shared(self, contexts: list[tuple[int, ...]]) -> int:
         """How many leading columns every one of `contexts` can take from here: their
-        common prefix with `tokens` (0 under other weights), leaving each context at
-        least one token to compute (its logits are needed)."""
-        if version != self.version:
-            return 0
+        common prefix with `tokens`, leaving each context at least one token to compute
+        (its logits are needed)."""
         n = min(min(map(len, contexts)) - 1, len(self.tokens))
         for context in contexts:
             i = 0
@@ -551,17 +548,16 @@ class _Batch:
         self.past: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)
 
-    def prefill_inputs(self, contexts: list[list[int]], prefix: "_Prefix | None" = None,
-                       version: int = 0) -> dict:
+    def prefill_inputs(self, contexts: list[list[int]], prefix: "_Prefix | None" = None) -> dict:
         """Inputs for the distinct contexts only; `rows` maps each context to its row of them.
 
-        When every distinct context starts with tokens whose keys and values `prefix` holds
-        (computed under weights `version`), those `reused` columns come from it and only
+        When every distinct context starts with tokens whose keys and values `prefix` holds,
+        those `reused` columns come from it and only
         the rest is computed: each row is then [prefix][left padding][the rest], which the
         mask and the position ids describe as for any padded row."""
         unique: dict[tuple[int, ...], int] = {}
         rows = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
-        reused = prefix.shared(list(unique), version) if prefix is not None else 0
+        reused = prefix.shared(list(unique)) if prefix is not None else 0
         width = max(map(len, unique)) - reused
         ids = torch.zeros(len(unique), width, dtype=torch.long)
         mask = torch.zeros(len(unique), reused + width, dtype=torch.long)

@@ -87,11 +87,11 @@ async def prefills(engine: TorchEngine, args) -> tuple[dict[str, list[float]], i
     times: dict[str, list[float]] = {"reused": [], "whole": []}
     for i in range(2 * args.prefills):
         name = ("reused", "whole")[i % 2]
-        inputs = _Batch().prefill_inputs([second], prefix if name == "reused" else None, engine.version)
+        inputs = _Batch().prefill_inputs([second], prefix if name == "reused" else None)
         started = time.perf_counter()
         await asyncio.to_thread(engine._forward, inputs, torch.ones(1), torch.ones(1), [(None, 0)])
         times[name].append(time.perf_counter() - started)
-    return times, prefix.shared([tuple(second)], engine.version), len(second)
+    return times, prefix.shared([tuple(second)]), len(second)
 
 
 async def measure(args) -> tuple[dict, tuple]:
