@@ -189,7 +189,8 @@ class Controller:
             next_status = time.monotonic() + 10.0
             while self.step < steps and (deadline is None or time.monotonic() < deadline):
                 self._raise_failure()
-                await self._admit()
+                if self._training is None or self.scheduler.overlaps_training:
+                    await self._admit()
                 if time.monotonic() > next_status:
                     self._status()
                     next_status = time.monotonic() + 10.0

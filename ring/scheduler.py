@@ -174,6 +174,9 @@ class RolloutScheduler(Protocol):
     """The interface a controller drives; both schedules implement it."""
 
     version: int
+    overlaps_training: bool
+    """May rollouts start while the trainer trains the last batch? If False, the controller
+    admits only once that step's training and weight update are done."""
 
     def admit(self, prompts: Iterator[Prompt]) -> list[Trajectory]: ...
     def on_tokens(self, traj_id: int, tokens: Sequence[int], logprobs: Sequence[float], version: int) -> None: ...
@@ -464,6 +467,7 @@ class C3POScheduler(_RolloutPool):
     """
 
     _kind = "c3po"
+    overlaps_training = True  # the engines decode the next steps while the trainer trains
 
     def __init__(self, config: C3POConfig) -> None:
         super().__init__(config.group_size, config.requeue_dropped)
@@ -534,10 +538,13 @@ class SyncScheduler(_RolloutPool):
     Same interface as C3POScheduler. A step admits `groups_per_step` prompts once, at its
     start, and `ready()` turns true only when none of its rollouts is still decoding.
     Nothing is carried over: `take_batch(force=True)` before then drops the unfinished
-    groups (counted as groups_dropped_unfinished).
+    groups (counted as groups_dropped_unfinished). `overlaps_training` is False: a step
+    starts once the last one's weights reached the engines, so the engines idle while the
+    trainer trains and every token is sampled by the weights it is trained against.
     """
 
     _kind = "sync"
+    overlaps_training = False
 
     def __init__(self, config: SyncConfig) -> None:
         super().__init__(config.group_size, config.requeue_dropped)
