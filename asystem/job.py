@@ -182,11 +182,20 @@ def make_scheduler(config: TrainConfig):
     if s.kind == "c3po":
         return C3POScheduler(C3POConfig(group_size=g, infer_capacity=s.infer_capacity, token_budget=s.token_budget,
                                         retention_limit=s.retention_limit, requeue_dropped=s.requeue_dropped,
-                                        train_capacity=s.train_capacity))
+                                        train_capacity=_train_capacity(s)))
     if s.kind == "sync":
         return SyncScheduler(SyncConfig(group_size=g, groups_per_step=s.groups_per_step,
                                         requeue_dropped=s.requeue_dropped))
     raise ConfigError(f"scheduler.kind: expected 'c3po' or 'sync', got {s.kind!r}")
+
+
+def _train_capacity(s) -> int | None:
+    if s.train_capacity == "auto":
+        return s.infer_capacity + s.infer_capacity // 2
+    if isinstance(s.train_capacity, str):
+        raise ConfigError(f"scheduler.train_capacity: expected 'auto', null or a number of rollouts, "
+                          f"got {s.train_capacity!r}")
+    return s.train_capacity
 
 
 async def train(config: TrainConfig, on_start=None, cluster=None) -> dict[str, Any]:

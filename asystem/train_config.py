@@ -77,9 +77,12 @@ class SchedulerConfig:
     """sigma: steps an unfinished rollout may live through (c3po)."""
     infer_capacity: int = 64
     """Omega_infer: most unfinished rollouts at once (c3po)."""
-    train_capacity: int | None = None
-    """Omega_train: most live rollouts (decoding or waiting to train); set, the engines decode
-    ahead of the trainer within it instead of stopping at C >= Phi (c3po; ring/scheduler.py)."""
+    train_capacity: int | str | None = "auto"
+    """Omega_train: most live rollouts (decoding or waiting to train); the engines decode
+    ahead of the trainer within it instead of stopping at C >= Phi (c3po; ring/scheduler.py).
+    "auto": 1.5 x infer_capacity, so that Omega_infer rollouts go on decoding while half as
+    many again wait for the trainer (the default job's batch is about 32). None: the report's
+    rule, admit only while C < Phi (the engines idle once the next batch is complete)."""
     groups_per_step: int = 4
     """Prompts per step (sync)."""
     requeue_dropped: bool = True

@@ -20,7 +20,12 @@ the other on this machine:
   the sync run's lengths, it followed that run's draw, 174 tokens in one run and 312 in
   another, and a small Phi spreads each step's fixed costs over fewer samples), and at
   most `--ahead` (default 1) steps' samples decoding at once (`scheduler.infer_capacity`,
-  Omega_infer), so that it decodes that many batches ahead of the trainer.
+  Omega_infer), so that it decodes that many batches ahead of the trainer. Admission
+  follows the report's rule (`scheduler.train_capacity` null: only while C < Phi) unless
+  `--train-capacity`: in this shape the job's default ("auto", 1.5 Omega_infer) matters
+  little, since generation is the long side here and rarely gets a whole batch ahead (the C3PO++
+  contender alone, 2026-12-03: 36.5 and 49.0 tokens/s trained without, 42.7 and 42.7 with
+  Omega_train 32; the engine idled 0-3.9 s of 86-117, in the first step).
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
@@ -35,7 +40,9 @@ the ends of consecutive steps).
 
 Overlap efficiency = the C3PO++ run's seconds per response token / max(generation seconds
 per token, training seconds per token), the two measured apart in the sync run (where the
-engines wait while the trainer works, on the same pinned cores). 1.0: the shorter of
+engines wait while the trainer works, on the same pinned cores; until 2026-12-03 the sync
+run decoded its next step while the trainer trained, so its parts were measured side by
+side, each slowed by the other: docs/training.md, row (h)). 1.0: the shorter of
 generation and training hides entirely under the longer one; a serial schedule scores
 (gen + train) / max(gen, train), up to 2. Below 1: C3PO++ also generated more cheaply per
 token than the sync run did (it keeps Omega_infer rollouts decoding, where the end of a
@@ -156,7 +163,8 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
 # -- asystem -------------------------------------------------------------------------------------
 
 def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
-                token_budget: int | None = None, engine: str = "auto", ahead: int = 1) -> dict[str, Any]:
+                token_budget: int | None = None, engine: str = "auto", ahead: int = 1,
+                train_capacity: int | None = None) -> dict[str, Any]:
     """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
     with `token_budget`; all timed."""
     overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
@@ -177,7 +185,8 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
         # overlap at all). Two batches ahead (`--ahead 2`: the torch engine decodes 32 rows
         # for little more than the cost of 16) measured no better: docs/training.md.
         overrides += ["scheduler.kind=c3po", f"scheduler.token_budget={token_budget}",
-                      f"scheduler.infer_capacity={ahead * samples}"]
+                      f"scheduler.infer_capacity={ahead * samples}",
+                      f"scheduler.train_capacity={'null' if train_capacity is None else train_capacity}"]
     summary = asyncio.run(train(load_config(TrainConfig, None, overrides)))
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step" in r]
     if len(records) != steps or summary.get("steps") != steps:
@@ -229,6 +238,8 @@ def main() -> None:
     parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
     parser.add_argument("--ahead", type=int, default=1,
                         help="C3PO++: at most this many steps' samples decoding at once (Omega_infer)")
+    parser.add_argument("--train-capacity", type=int, default=None,
+                        help="C3PO++: Omega_train (`scheduler.train_capacity`); default: the report's rule")
     parser.add_argument("--quick", action="store_true", help="6 steps per contender")
     args = parser.parse_args()
     if args.quick:
@@ -261,7 +272,8 @@ def main() -> None:
             loads.append(load())
             say(f"asystem, C3PO++ scheduler (token budget {budget})... ({loads[-1]})")
             results["asystem c3po"] = c3po = run_asystem(args.model, out=Path(tmp) / "c3po", token_budget=budget,
-                                                         **shape, engine=args.engine, ahead=args.ahead)
+                                                         **shape, engine=args.engine, ahead=args.ahead,
+                                                         train_capacity=args.train_capacity)
             c3po["overlap_efficiency"] = overlap(c3po, sync)
             c3po["overlap_efficiency_per_sample"] = overlap(c3po, sync, per="sample")
     loads.append(load())

@@ -79,7 +79,12 @@ def test_the_scheduler_section_reaches_the_scheduler():
                                              "scheduler.retention_limit=3"])
     scheduler = make_scheduler(config).config
     assert (scheduler.infer_capacity, scheduler.train_capacity, scheduler.retention_limit) == (32, 48, 3)
-    assert make_scheduler(load_config(TrainConfig)).config.train_capacity is None  # the report's rule
+    assert make_scheduler(load_config(TrainConfig)).config.train_capacity == 96  # "auto": 1.5 x 64
+    assert make_scheduler(load_config(TrainConfig, None, ["scheduler.infer_capacity=10"])).config.train_capacity == 15
+    report = load_config(TrainConfig, None, ["scheduler.train_capacity=null"])
+    assert make_scheduler(report).config.train_capacity is None  # the report's rule
+    with pytest.raises(ConfigError, match="scheduler.train_capacity.*'lots'"):
+        make_scheduler(load_config(TrainConfig, None, ["scheduler.train_capacity=lots"]))
 
 
 @pytest.mark.parametrize("cores, overrides, engines, trainers", [
