@@ -179,10 +179,11 @@ def make_scheduler(config: TrainConfig):
     from ring.scheduler import C3POConfig, C3POScheduler, SyncConfig, SyncScheduler
 
     s, g = config.scheduler, config.rollout.group_size
+    train_capacity = _train_capacity(s)  # checked whatever the kind: a bad value is a bad config
     if s.kind == "c3po":
         return C3POScheduler(C3POConfig(group_size=g, infer_capacity=s.infer_capacity, token_budget=s.token_budget,
                                         retention_limit=s.retention_limit, requeue_dropped=s.requeue_dropped,
-                                        train_capacity=_train_capacity(s)))
+                                        train_capacity=train_capacity))
     if s.kind == "sync":
         return SyncScheduler(SyncConfig(group_size=g, groups_per_step=s.groups_per_step,
                                         requeue_dropped=s.requeue_dropped))

@@ -85,6 +85,8 @@ def test_the_scheduler_section_reaches_the_scheduler():
     assert make_scheduler(report).config.train_capacity is None  # the report's rule
     with pytest.raises(ConfigError, match="scheduler.train_capacity.*'lots'"):
         make_scheduler(load_config(TrainConfig, None, ["scheduler.train_capacity=lots"]))
+    with pytest.raises(ConfigError, match="scheduler.train_capacity.*'lots'"):  # unused by sync, still wrong
+        make_scheduler(load_config(TrainConfig, None, ["scheduler.kind=sync", "scheduler.train_capacity=lots"]))
 
 
 @pytest.mark.parametrize("cores, overrides, engines, trainers", [
