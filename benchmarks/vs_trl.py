@@ -21,11 +21,10 @@ the other on this machine:
   another, and a small Phi spreads each step's fixed costs over fewer samples), and at
   most `--ahead` (default 1) steps' samples decoding at once (`scheduler.infer_capacity`,
   Omega_infer), so that it decodes that many batches ahead of the trainer. Admission
-  follows the report's rule (`scheduler.train_capacity` null: only while C < Phi) unless
-  `--train-capacity`: in this shape the job's default ("auto", 1.5 Omega_infer) matters
-  little, since generation is the long side here and rarely gets a whole batch ahead (the C3PO++
-  contender alone, 2026-12-03: 36.5 and 49.0 tokens/s trained without, 42.7 and 42.7 with
-  Omega_train 32; the engine idled 0-3.9 s of 86-117, in the first step).
+  follows the job's default, `scheduler.train_capacity` "auto" (Omega_train = 1.5
+  Omega_infer: new rollouts start while fewer than that wait for the trainer or decode),
+  unless `--train-capacity` (null: the report's rule, only while C < Phi, which the
+  benchmark used until 2026-12-03; docs/training.md, rows (i) and (j)).
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
@@ -171,7 +170,7 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
 
 def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
                 token_budget: int | None = None, engine: str = "auto", ahead: int = 1,
-                train_capacity: int | None = None) -> dict[str, Any]:
+                train_capacity: str = "auto") -> dict[str, Any]:
     """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
     with `token_budget`; all timed."""
     overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
@@ -193,7 +192,7 @@ def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: in
         # for little more than the cost of 16) measured no better: docs/training.md.
         overrides += ["scheduler.kind=c3po", f"scheduler.token_budget={token_budget}",
                       f"scheduler.infer_capacity={ahead * samples}",
-                      f"scheduler.train_capacity={'null' if train_capacity is None else train_capacity}"]
+                      f"scheduler.train_capacity={train_capacity}"]
     summary = asyncio.run(train(load_config(TrainConfig, None, overrides)))
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step" in r]
     if len(records) != steps or summary.get("steps") != steps:
@@ -253,12 +252,15 @@ def main() -> None:
     parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
     parser.add_argument("--ahead", type=int, default=1,
                         help="C3PO++: at most this many steps' samples decoding at once (Omega_infer)")
-    parser.add_argument("--train-capacity", type=int, default=None,
-                        help="C3PO++: Omega_train (`scheduler.train_capacity`); default: the report's rule")
+    parser.add_argument("--train-capacity", default="auto",
+                        help="C3PO++: Omega_train (`scheduler.train_capacity`): auto (the job's default, "
+                             "1.5 Omega_infer), null (the report's rule) or a number of rollouts")
     parser.add_argument("--quick", action="store_true", help="6 steps per contender")
     args = parser.parse_args()
     if args.quick:
         args.steps = 6
+    if args.train_capacity not in ("auto", "null") and not args.train_capacity.isdigit():
+        parser.error(f"--train-capacity must be auto, null or a number, got {args.train_capacity!r}")
     if args.ahead < 1:
         parser.error(f"--ahead must be at least 1, got {args.ahead}")
     if args.samples % args.group:
@@ -300,7 +302,8 @@ def main() -> None:
     # The headline figures are the default pipeline's (C3PO++); --no-c3po gives the sync
     # run's ratio and no overlap figure (it needs both runs).
     main_run = sync if args.no_c3po else c3po
-    report = {"model": args.model, "engine": args.engine, "ahead": args.ahead, "samples_per_step": args.samples,
+    report = {"model": args.model, "engine": args.engine, "ahead": args.ahead, "train_capacity": args.train_capacity,
+              "samples_per_step": args.samples,
               "group_size": args.group, "max_tokens": args.max_tokens, "timed_steps": args.steps, "load_averages": loads,
               "samples_per_s_ratio_vs_trl": main_run["samples_per_s"] / trl["samples_per_s"],
               "overlap_efficiency": None if args.no_c3po else c3po["overlap_efficiency"],
