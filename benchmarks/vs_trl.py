@@ -21,10 +21,11 @@ the other on this machine:
   another, and a small Phi spreads each step's fixed costs over fewer samples), and at
   most `--ahead` (default 1) steps' samples decoding at once (`scheduler.infer_capacity`,
   Omega_infer), so that it decodes that many batches ahead of the trainer. Admission
-  follows the job's default, `scheduler.train_capacity` "auto" (Omega_train = 1.5
-  Omega_infer: new rollouts start while fewer than that wait for the trainer or decode),
-  unless `--train-capacity` (null: the report's rule, only while C < Phi, which the
-  benchmark used until 2026-12-03; docs/training.md, rows (i) and (j)).
+  follows the report's rule (`scheduler.train_capacity` null: only while C < Phi) unless
+  `--train-capacity` (auto: the job's default, Omega_train = 1.5 Omega_infer). In this
+  shape the job's default did worse in two runs (2.91x and 3.01x TRL, overlap 1.04 and
+  1.12, against 3.44-4.41x and 1.00-1.09 in three runs with null): docs/training.md, rows
+  (i) and (j).
 
 Every step is timed, the first included: C3PO++ decodes ahead of the trainer, and a
 first step left out would hide the generation of the batches that later steps train from
@@ -170,7 +171,7 @@ def run_trl(model_path: Path, samples: int, group: int, max_tokens: int, steps: 
 
 def run_asystem(model: str, samples: int, group: int, max_tokens: int, steps: int, out: Path,
                 token_budget: int | None = None, engine: str = "auto", ahead: int = 1,
-                train_capacity: str = "auto") -> dict[str, Any]:
+                train_capacity: str = "null") -> dict[str, Any]:
     """`steps` steps of `asystem train`: sync with samples / G groups per step, or C3PO++
     with `token_budget`; all timed."""
     overrides = [f"model.path={model}", f"rollout.group_size={group}", f"rollout.max_tokens={max_tokens}",
@@ -252,9 +253,9 @@ def main() -> None:
     parser.add_argument("--no-c3po", action="store_true", help="skip the C3PO++ run")
     parser.add_argument("--ahead", type=int, default=1,
                         help="C3PO++: at most this many steps' samples decoding at once (Omega_infer)")
-    parser.add_argument("--train-capacity", default="auto",
-                        help="C3PO++: Omega_train (`scheduler.train_capacity`): auto (the job's default, "
-                             "1.5 Omega_infer), null (the report's rule) or a number of rollouts")
+    parser.add_argument("--train-capacity", default="null",
+                        help="C3PO++: Omega_train (`scheduler.train_capacity`): null (the report's rule, "
+                             "the default here), auto (the job's default, 1.5 Omega_infer) or a number of rollouts")
     parser.add_argument("--quick", action="store_true", help="6 steps per contender")
     args = parser.parse_args()
     if args.quick:
