@@ -85,12 +85,13 @@ class ActorCell:
                          for _ in range(max(1, self.cls.max_concurrency))]
 
     async def _work(self) -> None:
+        task = asyncio.current_task()
         while True:
             try:
                 request = await self.mailbox.get()
             except ActorDeadError:
                 return  # sealed and drained
-            await self._handle(request)
+            await self._handle(request, task)
 
     def create_task(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -153,20 +154,21 @@ class ActorCell:
 
     # -- one message -----------------------------------------------------------------
 
-    async def _handle(self, request: Request) -> None:
-        loop = asyncio.get_running_loop()
+    async def _handle(self, request: Request, task: asyncio.Task) -> None:
+        """Run one request in the worker ``task``."""
         if self.state == "failed":  # taken in the moment before the teardown: not for it
             return await self._fail_request(request, ActorDeadError(f"actor {self.ref} failed"))
         if request.cancelled:
             self.system.counters["cancelled_before_start"] += 1
             return self.system._forget(request)
-        if request.deadline is not None and loop.time() > request.deadline:
+        deadline = request.deadline
+        if deadline is not None and asyncio.get_running_loop().time() > deadline:
             # Nobody waits for this answer any more: skip the work (at-most-once).
             self.system.counters["expired_in_mailbox"] += 1
             log.info("%s: dropped %s.%s whose caller's deadline passed in the mailbox",
                      self, self.cls.__name__, request.method)
             return self.system._forget(request)
-        request.task = asyncio.current_task()
+        request.task = task
         self._running.add(request)
         try:
             await self._run(request)

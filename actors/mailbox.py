@@ -129,7 +129,8 @@ class Mailbox:
                 if fut in self._getters:
                     self._getters.remove(fut)
         item = self._items.popleft()
-        self._admit_waiting()
+        if self._waiting:
+            self._admit_waiting()
         return item
 
     def _append(self, item) -> None:

@@ -24,10 +24,11 @@ class Sink:
     """Where a request's outcome goes. ``item`` waits for stream credit and returns False
     when the consumer is gone or cancelled."""
 
+    cancelled = False
+    _credit_changed: asyncio.Event | None = None  # made by the first wait: asks never wait
+
     def __init__(self, credit: int = 0):
         self.credit = credit
-        self.cancelled = False
-        self._credit_changed: asyncio.Event | None = None  # made by the first wait: asks never wait
 
     async def result(self, value: Any) -> None:
         raise NotImplementedError

@@ -20,14 +20,13 @@ Delivery guarantees:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import logging
 import os
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable
 
 from transport import codec
 from transport.endpoint import Endpoint, Heartbeat, Incoming
@@ -44,7 +43,8 @@ from .supervision import EscalationError
 log = logging.getLogger(__name__)
 
 SYSTEM_ID = "__system__"
-_current: contextvars.ContextVar = contextvars.ContextVar("asystem_current_system", default=None)
+# The system handling the current message; refs decoded from it bind to that system too.
+_current = binding_system
 _last_started: list = []
 
 
@@ -151,14 +151,14 @@ class ChildRecord:
 class RemoteSink(Sink):
     """Answers a caller in another process, over the ROUTER route the request came from."""
 
-    def __init__(self, system: "ActorSystem", route: bytes, env: Envelope):
+    def __init__(self, system: "ActorSystem", route: bytes, env: Envelope,
+                 deadline: float | None):
         super().__init__(env.credit)
         self.system, self.route, self.corr, self.target = system, route, env.corr, env.target
         # How long an answer may wait for room in the caller's queue: until the caller's
-        # deadline (nobody waits after it), else a heartbeat timeout. Never longer, so that
-        # a caller that reads nothing cannot stall the actor for everyone else.
-        self.deadline = (asyncio.get_running_loop().time() + env.deadline_ms / 1000
-                         if env.deadline_ms else None)
+        # deadline (loop time; nobody waits after it), else a heartbeat timeout. Never
+        # longer, so that a caller that reads nothing cannot stall the actor for everyone.
+        self.deadline = deadline
 
     async def _send(self, kind: Kind, value: Any) -> bool:
         try:
@@ -167,16 +167,19 @@ class RemoteSink(Sink):
             frames = codec.encode(BadRequestError(
                 f"the answer of {self.target} cannot be encoded: {exc}").to_wire())
             kind = Kind.ERROR
-        deadline = self.deadline or (asyncio.get_running_loop().time()
-                                     + self.system.heartbeat.timeout)
-        ok = await self.system.endpoint.reply(self.route, Envelope(kind, self.corr), frames,
-                                              deadline)
+        env = Envelope(kind, self.corr)
+        endpoint = self.system.endpoint
+        ok = endpoint.reply_nowait(self.route, env, frames)
+        if ok is None:  # the caller's queue is full: wait for room, up to the deadline
+            deadline = self.deadline or (asyncio.get_running_loop().time()
+                                         + self.system.heartbeat.timeout)
+            ok = await endpoint.reply(self.route, env, frames, deadline)
         if not ok:
             self.cancel()  # the caller is gone or not reading: stop producing for it
         return ok
 
-    async def result(self, value: Any) -> None:
-        await self._send(Kind.REPLY, value)
+    def result(self, value: Any) -> Awaitable[bool]:
+        return self._send(Kind.REPLY, value)
 
     async def error(self, exc: BaseException) -> None:
         await self._send(Kind.ERROR, exc.to_wire())
@@ -244,7 +247,8 @@ class ActorSystem:
         if self.advertise and bound.startswith("tcp://"):
             bound = f"tcp://{self.advertise}:{bound.rsplit(':', 1)[1]}"
         self.address = bound
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
         from .process import SystemActor  # the built-in actor that serves other systems
         await self._start_cell(SystemActor, (), {}, SYSTEM_ID, None, None)
         _last_started.append(self)
@@ -607,9 +611,13 @@ class ActorSystem:
             f"the {timeout:g}s deadline of {method}()")
 
     async def ask(self, ref: ActorRef, method: str, args, kwargs, timeout) -> Any:
-        timeout, deadline = self._deadline(timeout)
-        corr = next(self._corr)
         loop = asyncio.get_running_loop()
+        if timeout is None:
+            timeout = self.default_timeout
+        elif timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        deadline = loop.time() + timeout
+        corr = next(self._corr)
         future = loop.create_future()
         pending = PendingCall(future, ref.address, ref, method)
         # Fails the future at the deadline, whatever the call is waiting on then (cheaper
@@ -630,8 +638,11 @@ class ActorSystem:
                         raise
             else:
                 self._pending[corr] = pending
-                await self._send_call(ref, Kind.CALL, corr, method, args, kwargs, timeout,
-                                      deadline=deadline)
+                frames = codec.encode([list(args), kwargs])  # TypeError if unencodable
+                env = Envelope(Kind.CALL, corr, self.address, ref.actor_id, method,
+                               int(timeout * 1000))
+                if not self.endpoint.send_nowait(ref.address, env, frames):
+                    await self.endpoint.send(ref.address, env, frames, deadline)
             return await future
         except TimeoutError:  # the peer's socket queue stayed full until the deadline
             self._cancel(ref, corr)
@@ -763,12 +774,11 @@ class ActorSystem:
             raise
 
     async def _send_call(self, ref: ActorRef, kind: Kind, corr: int, method: str, args,
-                         kwargs, timeout: float, credit: int = 0,
-                         deadline: float | None = None) -> None:
+                         kwargs, timeout: float, credit: int = 0) -> None:
         frames = codec.encode([list(args), kwargs])  # TypeError for unencodable arguments
         env = Envelope(kind, corr, self.address, ref.actor_id, method,
                        int(timeout * 1000), credit)
-        await self.endpoint.send(ref.address, env, frames, deadline)
+        await self.endpoint.send(ref.address, env, frames)
 
     def _forget(self, request: Request) -> None:
         if request.key is not None:
@@ -784,6 +794,7 @@ class ActorSystem:
     # -- the transport's handler -------------------------------------------------------
 
     def on_message(self, msg: Incoming):
+        # Also binds the refs decoded from the message to this system.
         token = _current.set(self)
         try:
             if msg.route is not None:
@@ -791,13 +802,6 @@ class ActorSystem:
             self._on_answer(msg)
         finally:
             _current.reset(token)
-
-    def _decode(self, frames) -> Any:
-        token = binding_system.set(self)
-        try:
-            return codec.decode(frames, limits=self.limits)
-        finally:
-            binding_system.reset(token)
 
     def _on_request(self, msg: Incoming):
         env, key = msg.envelope, (msg.route, msg.envelope.corr)
@@ -814,7 +818,8 @@ class ActorSystem:
         if env.kind is Kind.TELL and env.method == TERMINATED:
             return self._on_terminated_notice(msg)
         call = _CALLS[env.kind]
-        sink = None if call is Call.TELL else RemoteSink(self, msg.route, env)
+        deadline = self._loop.time() + env.deadline_ms / 1000 if env.deadline_ms else None
+        sink = None if call is Call.TELL else RemoteSink(self, msg.route, env, deadline)
         try:
             args, kwargs = self._decode_call(msg)
         except errors.ActorError as exc:
@@ -823,8 +828,6 @@ class ActorSystem:
         if cell is None or cell.state == "stopped":
             return self._refuse(sink, env, UnknownActorError(
                 f"no actor {env.target!r} at {self.address}"))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + env.deadline_ms / 1000 if env.deadline_ms else None
         request = Request(call, env.method, args, kwargs, deadline, sink,
                           key if sink is not None else None)
         if request.key is not None:
@@ -861,12 +864,12 @@ class ActorSystem:
 
     def _decode_call(self, msg: Incoming) -> tuple[list, dict]:
         try:
-            payload = self._decode(msg.frames)
+            payload = codec.decode(msg.frames, limits=self.limits)
         except codec.CodecError as exc:
             raise BadRequestError(f"undecodable arguments for {msg.envelope.method}: {exc}")
-        if (not isinstance(payload, list) or len(payload) != 2
-                or not isinstance(payload[0], list) or not isinstance(payload[1], dict)
-                or not all(isinstance(k, str) for k in payload[1])):
+        if (type(payload) is not list or len(payload) != 2
+                or type(payload[0]) is not list or type(payload[1]) is not dict
+                or payload[1] and not all(type(k) is str for k in payload[1])):
             raise BadRequestError(f"arguments for {msg.envelope.method} must be "
                                   "[args list, kwargs map with string keys]")
         return payload[0], payload[1]
@@ -898,7 +901,7 @@ class ActorSystem:
                       env.kind.name, env.corr)
             return
         try:
-            value = self._decode(msg.frames)
+            value = codec.decode(msg.frames, limits=self.limits)
         except codec.CodecError as exc:
             value, env = BadRequestError(f"undecodable answer from {msg.peer}: {exc}"), None
         if env is None or env.kind is Kind.ERROR:

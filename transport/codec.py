@@ -320,9 +320,10 @@ def decode(frames: Sequence[Any], *, limits: Limits = Limits()) -> Any:
     out of order, unused trailing frames, truncated data.
     """
     if len(frames) == 1 and type(frames[0]) is bytes and len(frames[0]) <= limits.max_body_bytes:
-        views = frames  # the common small message: no buffers, nothing to view or check
-    else:
-        views = _frame_views(frames, limits)
+        # The common small message: no buffers, so nothing to view, check or count (the
+        # shared decoder stays unchanged: any reference to a buffer is out of range).
+        return _unpack_body(frames[0], _NO_BUFFERS.ext_hook)
+    views = _frame_views(frames, limits)
     decoder = _Decoder(views[1:])
     obj = _unpack_body(views[0], decoder.ext_hook)
     decoder.check_all_used()
@@ -430,6 +431,9 @@ class _Decoder:
             raise CodecError(f"{kind} refers to buffer {where}, expected {self.used}")
         self.used += 1
         return self.buffers[where]
+
+
+_NO_BUFFERS = _Decoder([])
 
 
 def _unpack_header(kind: str, payload: bytes) -> list:

@@ -32,6 +32,7 @@ import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Awaitable, Protocol, Sequence
 
 import msgpack
@@ -41,7 +42,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import auth
 from .codec import Limits
 from .envelope import Envelope, EnvelopeError, Kind, pack_header, unpack_header
-from .reactor import SocketReader, send_now, send_when_room, try_send
+from .reactor import SocketReader, send_when_room, try_send
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,7 @@ class _Connection:
         self.lost = False
         self.connected = False
         # copied: the header and the body; out-of-band buffers stay zero-copy.
-        self.reader = SocketReader(sock, lambda parts: endpoint._on_dealer(self, parts),
-                                   copied=2)
+        self.reader = SocketReader(sock, partial(endpoint._on_dealer, self), copied=2)
         self.monitor = sock.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED)
         # A peer that never answers the handshake (nothing listens there any more) is as
@@ -214,28 +214,45 @@ class Endpoint:
 
     # -- sending -----------------------------------------------------------------------
 
+    def send_nowait(self, address: str, env: Envelope, frames: Sequence = ()) -> bool:
+        """Send a request-side message to the endpoint at ``address`` (connecting if needed)
+        if the peer's queue has room now; False, with nothing sent, at its high-water mark
+        (then :meth:`send`). The usual case, without a coroutine."""
+        conn = self._conns.get(address) or self._connect(address)
+        return try_send(conn.sock, [pack_header(env), *frames], conn.reader)
+
     async def send(self, address: str, env: Envelope, frames: Sequence = (),
                    deadline: float | None = None) -> None:
         """Send a request-side message to the endpoint at ``address`` (connecting if needed).
         Messages to one address leave in the order of the calls. Waits only while the
         peer's queue is at its high-water mark, until ``deadline`` (loop time), then
         raises TimeoutError."""
-        conn = self._conns.get(address) or self._connect(address)
-        parts = [pack_header(env), *frames]
-        if not try_send(conn.sock, parts, conn.reader):
-            await send_when_room(conn.sock, parts, conn.reader, deadline)
+        if not self.send_nowait(address, env, frames):
+            conn = self._conns.get(address) or self._connect(address)
+            await send_when_room(conn.sock, [pack_header(env), *frames], conn.reader, deadline)
+
+    def reply_nowait(self, route: bytes, env: Envelope, frames: Sequence = ()) -> bool | None:
+        """:meth:`reply` without waiting: True when sent, False when the route is gone
+        (counted and logged), None when the caller's queue is full now (then :meth:`reply`)."""
+        if self._closed:
+            return False
+        try:
+            return True if try_send(self._router, [route, pack_header(env), *frames],
+                                    self._readers[0]) else None
+        except zmq.ZMQError as exc:
+            return self._unroutable(exc, env)
 
     async def reply(self, route: bytes, env: Envelope, frames: Sequence = (),
                     deadline: float | None = None) -> bool:
         """Send an answer back to ``route``. Returns False, counted and logged, when the
         route is gone (its process died or closed the connection), or when its queue stays
         at the high-water mark (the caller reads nothing) until ``deadline`` (loop time)."""
-        if self._closed:
-            return False
-        parts = [route, pack_header(env), *frames]
+        sent = self.reply_nowait(route, env, frames)
+        if sent is not None:
+            return sent
         try:
-            if not try_send(self._router, parts, self._readers[0]):
-                await send_when_room(self._router, parts, self._readers[0], deadline)
+            await send_when_room(self._router, [route, pack_header(env), *frames],
+                                 self._readers[0], deadline)
             return True
         except TimeoutError:
             self.counters["reply_queue_full"] += 1
@@ -243,12 +260,15 @@ class Endpoint:
                         "until the deadline", self.address, env.kind.name, env.corr)
             return False
         except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            self.counters["reply_unroutable"] += 1
-            log.info("%s: %s for call %d dropped: the caller is gone", self.address,
-                     env.kind.name, env.corr)
-            return False
+            return self._unroutable(exc, env)
+
+    def _unroutable(self, exc: zmq.ZMQError, env: Envelope) -> bool:
+        if exc.errno != zmq.EHOSTUNREACH:
+            raise exc
+        self.counters["reply_unroutable"] += 1
+        log.info("%s: %s for call %d dropped: the caller is gone", self.address,
+                 env.kind.name, env.corr)
+        return False
 
     async def probe(self, route: bytes) -> bool:
         """True while the connection behind ``route`` is still open and its caller reads
@@ -336,19 +356,25 @@ class Endpoint:
         if env.kind not in allowed:
             return self._reject(f"{env.kind.name} is not valid in this direction",
                                 env.corr, route, peer, env.kind)
-        frames = [p if isinstance(p, bytes) else p.buffer for p in parts[1:]]
+        frames = parts[1:]
         problem = self._check_limits(frames)
         if problem:
             return self._reject(problem, env.corr, route, peer, env.kind)
         return Incoming(env, frames, route, peer)
 
     def _check_limits(self, frames: list) -> str | None:
+        """What breaks the limits in ``frames``, if anything; zmq.Frames in it become
+        their buffers on the way."""
         lim = self.limits
         if len(frames) > lim.max_frames + 1:
             return f"message has {len(frames)} frames, limit is {lim.max_frames + 1}"
         total = 0
-        for frame in frames:
-            size = len(frame) if isinstance(frame, bytes) else frame.nbytes
+        for i, frame in enumerate(frames):
+            if type(frame) is bytes:
+                size = len(frame)
+            else:
+                frame = frames[i] = frame.buffer
+                size = frame.nbytes
             if size > lim.max_frame_bytes:
                 return f"frame of {size} bytes exceeds the limit of {lim.max_frame_bytes}"
             total += size
@@ -366,9 +392,13 @@ class Endpoint:
             body = msgpack.packb({"code": "bad_request", "type": "BadRequest",
                                   "message": problem, "traceback": ""})
             try:
-                send_now(self._router, [route, pack_header(Envelope(Kind.ERROR, corr)), body])
+                sent = try_send(self._router, [route, pack_header(Envelope(Kind.ERROR, corr)),
+                                               body], self._readers[0])
             except zmq.ZMQError as exc:
-                log.info("%s: could not send the rejection: %s", self.address, exc)
+                sent = exc
+            if sent is not True:
+                log.info("%s: could not send the rejection: %s", self.address,
+                         sent or "the caller's queue is full")
         # An answer we cannot accept still says which call it answers: fail that call now,
         # not at its deadline.
         if route is None and corr is not None and kind in _ANSWERS:

@@ -131,10 +131,15 @@ class SocketReader:
 def try_send(sock: zmq.Socket, parts: list, reader: SocketReader | None = None) -> bool:
     """Queue one multipart message if it fits now (then kick ``reader``); False at the
     high-water mark, with nothing queued (then :func:`send_when_room`). The usual case
-    needs no coroutine."""
+    needs no coroutine. Large buffers go without a copy: keep them unmodified until sent."""
+    last = len(parts) - 1
     try:
-        send_now(sock, parts)
+        for i, part in enumerate(parts):
+            copy = type(part) is not memoryview or part.nbytes < COPY_BELOW
+            _send(sock, part, _MORE if i < last else _NOBLOCK, copy)
     except zmq.Again:
+        # Only the first part can meet the high-water mark: libzmq queues the parts of a
+        # message atomically, so nothing was queued.
         return False
     if reader is not None:
         reader.kick()
@@ -156,12 +161,3 @@ async def send_when_room(sock: zmq.Socket, parts: list, reader: SocketReader | N
         delay = min(delay * 2, 0.02)
         if try_send(sock, parts, reader):
             return
-
-
-def send_now(sock: zmq.Socket, parts: list) -> None:
-    """Queue one multipart message or raise zmq.Again (nothing queued) at the high-water
-    mark. Large buffers go without a copy: keep them unmodified until sent."""
-    last = len(parts) - 1
-    for i, part in enumerate(parts):
-        copy = not isinstance(part, memoryview) or part.nbytes < COPY_BELOW
-        _send(sock, part, _MORE if i < last else _NOBLOCK, copy)
