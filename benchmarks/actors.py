@@ -15,11 +15,21 @@ Three figures, each between two processes on this host:
    back with ``copy=False``. Reported as MB/s moved: 2 x 64 MiB per round trip.
 
 The machine is noisy, so nothing is compared with numbers from another run: repetitions
-are interleaved (ours, raw, Ray, ours, ...) so that a slow spell hits every contender, and
+are interleaved (ours, raw, ours, raw, ...) so that a slow spell hits every contender, and
 each figure is the median over repetitions; the table also shows the range. Each
 measurement runs for about the same time for every contender (its call count is sized from
-the warm-up). Ray is optional: without it (or with ``--no-ray``) its figures are null and
-``ray_note`` says why.
+the warm-up).
+
+Two phases, because Ray's daemons (GCS, raylet, its workers) keep polling while Ray is up,
+and on a small virtual machine that changes the figures of everyone else: cores that never
+go idle wake faster, so a round trip gets shorter, raw pyzmq's more than ours (2026-12-04,
+2 cores: raw pyzmq 114 -> 65 us, ours 151 -> 115 us in one run). First, before Ray starts,
+ours and raw pyzmq are measured on a quiet machine. Then Ray starts, and ours, raw pyzmq
+(CURVE) and Ray are measured again, interleaved: the ratios against Ray come from that
+phase, and the ``*_ray_up`` ratios give ours against raw pyzmq on busy cores. A ratio
+against raw pyzmq meets its target only if it does in both phases. Ray is optional: without
+it (or with ``--no-ray``) its figures are null, ``ray_note`` says why, and the targets
+against raw pyzmq are judged on the quiet phase alone.
 
     .venv/bin/python benchmarks/actors.py [--quick] [--no-ray]
 
@@ -27,7 +37,8 @@ Prints a table and, as its last line, one JSON object with the figures and the r
 ``rtt_ratio_vs_zmq``, ``rtt_ratio_vs_ray`` (ours / baseline round trip: lower is better),
 ``pipelined_ratio_vs_zmq``, ``pipelined_ratio_vs_ray`` and ``bandwidth_ratio_vs_zmq``
 (ours / baseline rate: higher is better). The ``vs_zmq`` ratios compare with raw pyzmq
-with CURVE, like for like; ``*_vs_zmq_nocurve`` compare with unencrypted raw pyzmq.
+with CURVE, like for like; ``*_vs_zmq_nocurve`` compare with unencrypted raw pyzmq;
+``*_vs_zmq_ray_up`` with raw pyzmq (CURVE) while Ray's daemons run.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from actors import Actor  # noqa: E402
 WINDOW = 64  # calls in flight for the pipelined figure
 SMALL = b"x" * 16  # the payload of a small call
 BIG_BYTES = 64 << 20
+BOTH_PHASES = ("rtt_ratio_vs_zmq", "pipelined_ratio_vs_zmq")
 TARGETS = {  # ratio name -> (comparison, bound), from issue 2
     "rtt_ratio_vs_zmq": ("<=", 1.5),
     "rtt_ratio_vs_ray": ("<=", 0.25),
@@ -351,9 +363,12 @@ class Bench:
         self.ours = Ours()
         for raw in self.raw.values():
             raw.connect(self.ctx)
+
+    def start_ray(self) -> None:
         if not self.use_ray:
             self.ray_note = "skipped (--no-ray)"
             return
+        progress("starting Ray")
         try:
             self.ray = Ray()
         except ImportError:
@@ -383,22 +398,13 @@ class Bench:
         for name, raw in self.raw.items():
             rtt[name] = functools.partial(raw_rtt, raw.small, parts)
             pipelined[name] = lambda n, raw=raw: 1 / raw_pipelined(raw.small, parts, n)
-        if self.ray is not None:
-            rtt["ray"] = self.ray.rtt
-            pipelined["ray"] = lambda n: 1 / self.ray.pipelined(n)
-
-        # Warm up every path (connections, CURVE handshakes, Ray's workers) and size each
-        # contender's measurements to take about plan.seconds.
+        # Warm up every path (connections, CURVE handshakes) and size each contender's
+        # measurements to take about plan.seconds.
         progress("warming up")
         rtt_n = {who: calls_for(f(plan.warmup), plan) for who, f in rtt.items()}
         pipe_n = {who: calls_for(f(plan.warmup * 4), plan, 2 * WINDOW)
                   for who, f in pipelined.items()}
-        progress(f"round trips, {plan.reps} repetitions")
-        self.measure("rtt", {who: functools.partial(f, rtt_n[who]) for who, f in rtt.items()},
-                     plan.reps)
-        progress(f"pipelined calls, {plan.reps} repetitions")
-        self.measure("pipelined", {who: lambda f=f, n=pipe_n[who]: 1 / f(n)
-                                   for who, f in pipelined.items()}, plan.reps)
+        self.small_calls("", rtt, pipelined, rtt_n, pipe_n)
 
         progress(f"64 MiB round trips, {plan.big_reps} repetitions")
         import torch
@@ -412,6 +418,30 @@ class Bench:
             f(1)
         self.measure("bandwidth", {who: functools.partial(f, plan.big_calls)
                                    for who, f in big.items()}, plan.big_reps)
+
+        self.start_ray()
+        if self.ray is None:
+            return
+        progress("warming up Ray")  # its workers start on the first calls
+        rtt = {who: rtt[who] for who in ("ours", "zmq")} | {"ray": self.ray.rtt}
+        pipelined = ({who: pipelined[who] for who in ("ours", "zmq")}
+                     | {"ray": lambda n: 1 / self.ray.pipelined(n)})
+        rtt_n["ray"] = calls_for(self.ray.rtt(plan.warmup), plan)
+        pipe_n["ray"] = calls_for(1 / pipelined["ray"](plan.warmup * 4), plan, 2 * WINDOW)
+        self.small_calls("_ray_up", rtt, pipelined, rtt_n, pipe_n)
+
+    def small_calls(self, phase: str, rtt: dict, pipelined: dict, rtt_n: dict,
+                    pipe_n: dict) -> None:
+        """The round-trip and pipelined figures of one phase ("": Ray not started;
+        "_ray_up": Ray running), for the contenders given (functions of a call count)."""
+        plan = self.plan
+        note = " (Ray running)" if phase else ""
+        progress(f"round trips, {plan.reps} repetitions{note}")
+        self.measure(f"rtt{phase}", {who: functools.partial(f, rtt_n[who])
+                                     for who, f in rtt.items()}, plan.reps)
+        progress(f"pipelined calls, {plan.reps} repetitions{note}")
+        self.measure(f"pipelined{phase}", {who: lambda f=f, n=pipe_n[who]: 1 / f(n)
+                                           for who, f in pipelined.items()}, plan.reps)
 
     def measure(self, figure: str, contenders: dict, reps: int) -> None:
         """``reps`` rounds of every contender; the order rotates from round to round, so
@@ -433,21 +463,28 @@ def _ratio(ours: float | None, base: float | None) -> float | None:
 def summarize(bench: Bench, plan: Plan, quick: bool, seconds: float) -> dict:
     med = bench.median
     result: dict = {}
-    for who in ("ours", "zmq", "zmq_nocurve", "ray"):
-        rtt = med("rtt", who)
-        result[f"rtt_us_{who}"] = None if rtt is None else round(rtt * 1e6, 1)
-        rate = med("pipelined", who)
-        result[f"pipelined_per_s_{who}"] = None if rate is None else round(rate)
+    for phase, who in PHASED:
+        rtt = med(f"rtt{phase}", who)
+        result[f"rtt_us_{who}{phase}"] = None if rtt is None else round(rtt * 1e6, 1)
+        rate = med(f"pipelined{phase}", who)
+        result[f"pipelined_per_s_{who}{phase}"] = None if rate is None else round(rate)
     for who in ("ours", "zmq", "zmq_nocurve"):
         result[f"bandwidth_mb_s_{who}"] = round(med("bandwidth", who))
-    for base in ("zmq", "ray", "zmq_nocurve"):
-        result[f"rtt_ratio_vs_{base}"] = _ratio(med("rtt", "ours"), med("rtt", base))
-        result[f"pipelined_ratio_vs_{base}"] = _ratio(med("pipelined", "ours"),
-                                                      med("pipelined", base))
+    for phase, base, name in (("", "zmq", "zmq"), ("", "zmq_nocurve", "zmq_nocurve"),
+                              ("_ray_up", "ray", "ray"), ("_ray_up", "zmq", "zmq_ray_up")):
+        result[f"rtt_ratio_vs_{name}"] = _ratio(med(f"rtt{phase}", "ours"),
+                                                med(f"rtt{phase}", base))
+        result[f"pipelined_ratio_vs_{name}"] = _ratio(med(f"pipelined{phase}", "ours"),
+                                                      med(f"pipelined{phase}", base))
     for base in ("zmq", "zmq_nocurve"):
         result[f"bandwidth_ratio_vs_{base}"] = _ratio(med("bandwidth", "ours"),
                                                       med("bandwidth", base))
-    result["targets_met"] = {name: _met(result[name], *bound) for name, bound in TARGETS.items()}
+    # A ratio against raw pyzmq meets its target only if it does in both phases: Ray's
+    # daemons keep the cores busy, which changes the ratio (see the module docstring).
+    result["targets_met"] = {
+        name: _met(result[name], *bound) if name not in BOTH_PHASES
+        else _met_both(result[name], result[f"{name}_ray_up"], *bound)
+        for name, bound in TARGETS.items()}
     result["ray_note"] = bench.ray_note
     result["quick"] = quick
     result["repetitions"] = plan.reps
@@ -462,11 +499,23 @@ def _met(value: float | None, comparison: str, bound: float) -> bool | None:
     return value <= bound if comparison == "<=" else value >= bound
 
 
+def _met_both(quiet: float | None, ray_up: float | None, comparison: str,
+              bound: float) -> bool | None:
+    met = [_met(value, comparison, bound) for value in (quiet, ray_up) if value is not None]
+    return all(met) if met else None
+
+
+# (phase, contender) of the small-call figures: before Ray starts, then with Ray running.
+PHASED = (("", "ours"), ("", "zmq"), ("", "zmq_nocurve"),
+          ("_ray_up", "ours"), ("_ray_up", "zmq"), ("_ray_up", "ray"))
 LABELS = {"ours": "ours (asystem ask)", "zmq": "raw pyzmq, CURVE",
           "zmq_nocurve": "raw pyzmq, no CURVE (reference)", "ray": "Ray actor call"}
 FIGURES = (("rtt", "round trip, 1 call in flight (us, lower is better)", 1e6, ".1f"),
            ("pipelined", f"pipelined, {WINDOW} in flight (calls/s, higher is better)", 1, ".0f"),
            ("bandwidth", "64 MiB tensor round trip (MB/s moved, 2 x 64 MiB; higher is better)",
+            1, ".0f"),
+           ("rtt_ray_up", "with Ray running: round trip, 1 call in flight (us)", 1e6, ".1f"),
+           ("pipelined_ray_up", f"with Ray running: pipelined, {WINDOW} in flight (calls/s)",
             1, ".0f"))
 
 
@@ -477,7 +526,7 @@ def table(bench: Bench, result: dict) -> str:
         for who, label in LABELS.items():
             values = bench.samples.get((figure, who))
             if not values:
-                if figure != "bandwidth" and who == "ray":
+                if figure.endswith("_ray_up") and who == "ray":
                     lines.append(f"  {label:<34}{'n/a':>12}   {bench.ray_note}")
                 continue
             cells = (statistics.median(values), min(values), max(values))
@@ -490,9 +539,13 @@ def table(bench: Bench, result: dict) -> str:
         verdict = "n/a" if met is None else ("yes" if met else "NO")
         lines.append(f"  {name:<34}{shown:>12}{comparison + ' ' + str(bound):>12}{verdict:>12}")
     for name in ("rtt_ratio_vs_zmq_nocurve", "pipelined_ratio_vs_zmq_nocurve",
-                 "bandwidth_ratio_vs_zmq_nocurve"):
-        lines.append(f"  {name:<34}{result[name]:>12.3f}{'(reference)':>12}")
+                 "bandwidth_ratio_vs_zmq_nocurve", "rtt_ratio_vs_zmq_ray_up",
+                 "pipelined_ratio_vs_zmq_ray_up"):
+        shown = "n/a" if result[name] is None else f"{result[name]:.3f}"
+        lines.append(f"  {name:<34}{shown:>12}{'(reference)':>12}")
     lines.append("rtt ratios: lower is better; pipelined and bandwidth ratios: higher is better")
+    lines.append("a target against raw pyzmq is met only if its *_ray_up ratio (busy cores, "
+                 "Ray running) meets it too")
     return "\n".join(lines)
 
 
