@@ -106,9 +106,13 @@ class SocketReader:
                 return
             if self._closed:
                 return
-            if i == 0 and not _get(sock, _EVENTS) & _POLLIN:
-                # A lone message, the usual case with one call in flight: reading EVENTS
-                # re-arms the FD as above, without first raising zmq.Again (about 8 us).
+            if i == 0:
+                # A lone message, the usual case with one call in flight. Reading EVENTS
+                # re-arms the FD as above, without first raising zmq.Again (about 8 us);
+                # kick's check does it after what this message woke (the task awaiting
+                # the answer, the actor's worker) has run, so that the read is not on the
+                # way of the reply. It then drains what else is there.
+                self.kick()
                 return
         self._scheduled = True
         self.loop.call_soon(self._drain)
