@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Coroutine
 
 import msgpack
 
@@ -38,7 +38,8 @@ class ActorRef:
         from .system import current_system
         return current_system()
 
-    async def ask(self, method: str, *args, timeout: float | None = None, **kwargs) -> Any:
+    def ask(self, method: str, *args, timeout: float | None = None,
+            **kwargs) -> Coroutine[Any, Any, Any]:
         """Call ``method`` and return its result.
 
         Raises :class:`~actors.errors.RemoteError` if the method raised (with the remote
@@ -48,7 +49,9 @@ class ActorRef:
         call is then cancelled on the actor's side. ``timeout`` defaults to the system's
         ``default_timeout``.
         """
-        return await self.system.ask(self, method, args, kwargs, timeout)
+        # The system's coroutine itself, not one that awaits it: one frame less to pass
+        # through each time the call suspends and resumes.
+        return self.system.ask(self, method, args, kwargs, timeout)
 
     async def tell(self, method: str, *args, timeout: float | None = None, **kwargs) -> None:
         """Send without waiting for the result (at most once; errors are logged by the
