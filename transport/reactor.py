@@ -60,7 +60,7 @@ class SocketReader:
         self._scheduled = False
         self._kicked = False
         self._closed = False
-        self.loop.add_reader(self._fd, self._drain)
+        self.loop.add_reader(self._fd, self._drain, True)
         self.kick()  # messages that arrived before the reader was registered
 
     def kick(self) -> None:
@@ -80,7 +80,9 @@ class SocketReader:
         if _get(self.sock, _EVENTS) & _POLLIN:
             self._drain()
 
-    def _drain(self) -> None:
+    def _drain(self, woken: bool = False) -> None:
+        """Receive what is pending, up to BATCH messages. ``woken``: called because the FD
+        fired, the usual way a lone message arrives (see below)."""
         self._scheduled = False
         if self._paused or self._closed:
             return
@@ -106,12 +108,13 @@ class SocketReader:
                 return
             if self._closed:
                 return
-            if i == 0:
-                # A lone message, the usual case with one call in flight. Reading EVENTS
-                # re-arms the FD as above, without first raising zmq.Again (about 8 us);
-                # kick's check does it after what this message woke (the task awaiting
-                # the answer, the actor's worker) has run, so that the read is not on the
-                # way of the reply. It then drains what else is there.
+            if woken:
+                # Likely a lone message, the usual case with one call in flight. Reading
+                # EVENTS re-arms the FD as above, without first raising zmq.Again (about
+                # 8 us); kick's check does it after what this message woke (the task
+                # awaiting the answer, the actor's worker) has run, so that the read is not
+                # on the way of the reply, and merged with the check after its send. The
+                # check then drains whatever else is there, in batches.
                 self.kick()
                 return
         self._scheduled = True
