@@ -160,11 +160,41 @@ def _load(worker: Any, named: list[tuple[str, torch.Tensor]], stats: dict[str, A
     start = time.monotonic()
     try:
         worker.reload_weights(weights_iterator=iter(named))
+        _reprocess_aliases(worker)
     except Exception as exc:  # noqa: BLE001 - the frontend marks the engine broken
         log.error("asystem: reloading weights failed part-way:\n%s", traceback.format_exc())
         return {"ok": False, "stage": "load", "error": f"{type(exc).__name__}: {exc}"}
     stats["load_s"] = time.monotonic() - start
     return stats
+
+
+def _reprocess_aliases(worker: Any) -> None:
+    """Redo the weight processing of the modules that only borrow another module's
+    parameters: a tied lm_head, whose weight is the embedding's.
+
+    vLLM's in-place reload processes each module that received weights once it has them all
+    (`process_weights_after_loading`: on CPU that packs a copy of the weight for its GEMM
+    kernel, oneDNN or SGL, into `cpu_linear`). A tied lm_head receives none (the checkpoint
+    names only the embedding), so vLLM only puts its old parameter back, which the
+    embedding's reload has overwritten in place, and leaves its packed copy alone: the
+    logits would keep coming from the first weights ever loaded (the checkpoint's) while
+    everything else follows the updates. On GPU the embedding method's processing does
+    nothing, so this costs nothing there."""
+    from vllm.config import set_current_vllm_config
+
+    model = worker.model_runner.get_model()
+    # The first module to hold a parameter is the one the checkpoint name loads it into
+    # (vLLM dedups tied parameters this way too: model.embed_tokens.weight, not lm_head's).
+    owner: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owner.setdefault(id(param), module)
+    with set_current_vllm_config(worker.vllm_config), torch.no_grad():
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            method = getattr(module, "quant_method", None)
+            if params and method is not None and all(owner[id(p)] is not module for p in params):
+                method.process_weights_after_loading(module)
 
 
 def _refuse(reason: str):

@@ -5,7 +5,9 @@ that dies mid-broadcast, an engine that dies mid-broadcast, and the error withou
 
 One engine serves the module (vLLM starts in 35 s on an idle 2-core machine, minutes on a
 busy one), so everything that needs it is marked slow; the tests run in file order and the
-last one kills the engine. The trainer (tests/asystem/vllm_trainer.py) is a separate
+last one kills the engine. Each test that needs the weight group joins it unless the engine
+is already in the module trainer's, and counts versions from the engine's, so that it also
+runs alone (`--lf`, `-k`, a node id). The trainer (tests/asystem/vllm_trainer.py) is a separate
 process holding the model in transformers; it scores sequences in float32 on the bf16
 weights it broadcast, so "matches transformers" allows for vLLM's bf16 arithmetic.
 """
@@ -97,10 +99,24 @@ async def trainer():
 async def join(engine, trainer: Trainer) -> WeightSyncSpec:
     """A fresh weight group of the trainer (rank 0) and the engine (rank 1)."""
     spec = WeightSyncSpec("127.0.0.1", free_port(), 2, timeout_s=DEADLINE)
+    _JOINED.pop(engine, None)  # the engine's worker leaves its group first
     joining = asyncio.create_task(engine.join_weight_group(spec, 1))
     await trainer.call("join", spec=spec.to_dict())
     await asyncio.wait_for(joining, DEADLINE + 30)
+    _JOINED[engine] = trainer
     return spec
+
+
+# engine -> the trainer its worker is in a group with (as far as the tests' joins go; a
+# broadcast that failed on purpose breaks the group, and the next test joins a new one).
+_JOINED: dict = {}
+
+
+async def joined(engine, trainer: Trainer) -> None:
+    """The engine and the trainer in one weight group: the one an earlier test of the module
+    formed, or a new one (when this test runs alone, or after another trainer's)."""
+    if _JOINED.get(engine) is not trainer:
+        await join(engine, trainer)
 
 
 async def broadcast(engine, trainer: Trainer, version: int) -> dict:
@@ -180,16 +196,20 @@ async def test_after_a_broadcast_greedy_tokens_and_logprobs_match_transformers(e
 
 @pytest.mark.slow
 async def test_the_engine_follows_changed_weights(engine, trainer):
+    await joined(engine, trainer)
     before = (await greedy(engine, "c0"))[0]
     await trainer.call("perturb", seed=1, scale=0.02)
-    await broadcast(engine, trainer, version=2)
+    version = engine.version + 1  # 2 after the test above
+    await broadcast(engine, trainer, version=version)
     tokens, logprobs, versions, _ = await greedy(engine, "c1")
-    assert tokens != before and set(versions) == {2}
+    assert tokens != before and set(versions) == {version}
     await assert_matches_transformers(trainer, tokens, logprobs)
 
 
 @pytest.mark.slow
 async def test_interrupt_then_continue_gives_the_uninterrupted_sequence_with_its_versions(engine, trainer):
+    await joined(engine, trainer)
+    old = engine.version  # 2 after the tests above
     whole = (await greedy(engine, "i0", max_tokens=32))[0]
     before = engine.stats().tokens_total
     stream = engine.generate(GenerationRequest("i1", list(PROMPT), SamplingParams(temperature=0, max_tokens=32)))
@@ -200,27 +220,28 @@ async def test_interrupt_then_continue_gives_the_uninterrupted_sequence_with_its
     [partial] = await engine.interrupt(["i1"])
     first = await reading
     assert first[3][-1].interrupted and partial.response_tokens == first[0] and len(first[0]) < 32
-    # The same weights again as version 3: the rest of the response carries it.
-    await broadcast(engine, trainer, version=3)
+    # The trainer's weights (the engine's) again as a new version: the rest carries it.
+    await broadcast(engine, trainer, version=old + 1)
     rest, _, rest_versions, chunks = await collect(engine.generate(partial))
     assert chunks[-1].finish_reason == "length"
     assert partial.response_tokens + rest == whole
-    assert partial.versions + rest_versions == [2] * len(partial.versions) + [3] * len(rest)
+    assert partial.versions + rest_versions == [old] * len(partial.versions) + [old + 1] * len(rest)
 
 
 @pytest.mark.slow
 async def test_a_trainer_killed_mid_broadcast_leaves_the_engine_serving_its_version(engine, trainer):
     before = (await greedy(engine, "k0"))[0]
+    serving = engine.version  # 3 after the tests above
     doomed = await Trainer.start()
     try:
         await doomed.call("perturb", seed=2, scale=0.05)
         await join(engine, doomed)
-        plan = await doomed.call("plan", version=4)
+        plan = await doomed.call("plan", version=serving + 1)
         assert len(plan["buckets"]) > 4
         receiving = asyncio.create_task(engine.receive_weights(plan, KILL_DEADLINE))
         doomed.send_line({"name": "send", "args": {"plan": plan, "timeout": KILL_DEADLINE, "die_at": 3}})
         started = time.monotonic()
-        with pytest.raises(EngineError, match="version 4 not loaded"):
+        with pytest.raises(EngineError, match=f"version {serving + 1} not loaded"):
             await asyncio.wait_for(receiving, KILL_DEADLINE + 30)
         # Usually at once (connection reset); at the update's deadline at the latest: gloo
         # sometimes misses a sender that died just after posting its first buckets (seen
@@ -229,7 +250,7 @@ async def test_a_trainer_killed_mid_broadcast_leaves_the_engine_serving_its_vers
         assert await asyncio.wait_for(doomed.proc.wait(), 30) != 0
     finally:
         await doomed.kill()
-    assert engine.version == 3
+    assert engine.version == serving
     await engine.health()
     assert (await greedy(engine, "k1"))[0] == before
 
@@ -239,7 +260,7 @@ async def test_a_trainer_gets_an_error_within_its_deadline_when_the_engine_dies(
     """Last: kills the module's engine, then checks that close() leaves nothing behind."""
     await join(engine, trainer)  # the group broke with the last test's trainer
     # 4 MiB buckets, so that there are many (the CPU default makes 8 of this model).
-    plan = await trainer.call("plan", version=5, bucket_bytes=4 << 20)
+    plan = await trainer.call("plan", version=engine.version + 1, bucket_bytes=4 << 20)
     assert len(plan["buckets"]) > 16
     receiving = asyncio.create_task(engine.receive_weights(plan, KILL_DEADLINE))
     # Stalled at bucket 8, the trainer has seen the first buckets through (it keeps only a

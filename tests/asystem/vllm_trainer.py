@@ -58,6 +58,8 @@ class Trainer:
         return BucketPlan.build(version, self.weights, bucket_bytes).to_dict()
 
     def send(self, plan: dict, timeout: float, die_at: int | None = None, stall_at: int | None = None) -> dict:
+        if self.group is None:
+            raise RuntimeError("not in a weight group: `join` first")
         stats = WeightSender(self.group).send(_Hooked.make(plan, die_at, stall_at), self.weights, timeout)
         return {"buckets": stats.buckets, "bytes": stats.bytes, "seconds": stats.seconds}
 
