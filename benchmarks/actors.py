@@ -21,9 +21,9 @@ measurement runs for about the same time for every contender (its call count is 
 the warm-up).
 
 Two phases, because Ray's daemons (GCS, raylet, its workers) keep polling while Ray is up,
-and on a small virtual machine that changes the figures of everyone else: cores that never
-go idle wake faster, so a round trip gets shorter, raw pyzmq's more than ours (2026-12-04,
-2 cores: raw pyzmq 114 -> 65 us, ours 151 -> 115 us in one run). First, before Ray starts,
+and on a small virtual machine that changes the figures of everyone else, not the same way
+each time (2026-12-04, 2 cores, five full runs: our round trip -8% to +20%, raw pyzmq's
+-8% to +8%, against the phase before Ray started). First, before Ray starts,
 ours and raw pyzmq are measured on a quiet machine. Then Ray starts, and ours, raw pyzmq
 (CURVE) and Ray are measured again, interleaved: the ratios against Ray come from that
 phase, and the ``*_ray_up`` ratios give ours against raw pyzmq on busy cores. A ratio
