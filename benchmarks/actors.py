@@ -398,12 +398,8 @@ class Bench:
         for name, raw in self.raw.items():
             rtt[name] = functools.partial(raw_rtt, raw.small, parts)
             pipelined[name] = lambda n, raw=raw: 1 / raw_pipelined(raw.small, parts, n)
-        # Warm up every path (connections, CURVE handshakes) and size each contender's
-        # measurements to take about plan.seconds.
         progress("warming up")
-        rtt_n = {who: calls_for(f(plan.warmup), plan) for who, f in rtt.items()}
-        pipe_n = {who: calls_for(f(plan.warmup * 4), plan, 2 * WINDOW)
-                  for who, f in pipelined.items()}
+        rtt_n, pipe_n = self.sized(rtt, pipelined)
         self.small_calls("", rtt, pipelined, rtt_n, pipe_n)
 
         progress(f"64 MiB round trips, {plan.big_reps} repetitions")
@@ -423,12 +419,21 @@ class Bench:
         if self.ray is None:
             return
         progress("warming up Ray")  # its workers start on the first calls
-        rtt = {who: rtt[who] for who in ("ours", "zmq")} | {"ray": self.ray.rtt}
-        pipelined = ({who: pipelined[who] for who in ("ours", "zmq")}
-                     | {"ray": lambda n: 1 / self.ray.pipelined(n)})
-        rtt_n["ray"] = calls_for(self.ray.rtt(plan.warmup), plan)
-        pipe_n["ray"] = calls_for(1 / pipelined["ray"](plan.warmup * 4), plan, 2 * WINDOW)
-        self.small_calls("_ray_up", rtt, pipelined, rtt_n, pipe_n)
+        ray_rtt = {"ray": self.ray.rtt}
+        ray_pipelined = {"ray": lambda n: 1 / self.ray.pipelined(n)}
+        ray_rtt_n, ray_pipe_n = self.sized(ray_rtt, ray_pipelined)
+        self.small_calls("_ray_up", {who: rtt[who] for who in ("ours", "zmq")} | ray_rtt,
+                         {who: pipelined[who] for who in ("ours", "zmq")} | ray_pipelined,
+                         rtt_n | ray_rtt_n, pipe_n | ray_pipe_n)
+
+    def sized(self, rtt: dict, pipelined: dict) -> tuple[dict, dict]:
+        """Warm up every path (connections, CURVE handshakes, Ray's workers) and size each
+        contender's measurements to take about plan.seconds: the call counts of its round
+        trips and of its pipelined calls (each function returns seconds per call)."""
+        plan = self.plan
+        return ({who: calls_for(f(plan.warmup), plan) for who, f in rtt.items()},
+                {who: calls_for(f(plan.warmup * 4), plan, 2 * WINDOW)
+                 for who, f in pipelined.items()})
 
     def small_calls(self, phase: str, rtt: dict, pipelined: dict, rtt_n: dict,
                     pipe_n: dict) -> None:
